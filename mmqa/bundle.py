@@ -1,0 +1,137 @@
+"""The inference bundle: everything needed to use a trained model, in safe formats only — the resolved
+config (YAML), tokenizers (HF JSON), the answer vocabulary (JSON) and the weights (safetensors).
+`Bundle.load` rebuilds the model from the stored config before loading weights, so no pickled code
+is ever executed. The demo, the CLI and the tests all go through these methods.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+from safetensors.torch import load_model, save_model
+
+from mmqa.build import build_model
+from mmqa.data.images import ImageTransform, load_image, to_rgb
+from mmqa.data.tokenizer import load_tokenizer
+from mmqa.errors import MMQAError
+from mmqa.generate import generate_captions
+from mmqa.models.mmqa_model import MMQAModel
+
+WEIGHTS = "model.safetensors"
+
+
+def write_assets(path: Path, cfg: DictConfig, text_tokenizer, decoder_tokenizer, answers: list[str]) -> None:
+    """Config, tokenizers and vocabulary: everything but the weights (written at the start of a run,
+    so a resumed run reuses exactly the same vocabulary)."""
+    path.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, path / "config.yaml", resolve=True)
+    text_tokenizer.save_pretrained(path / "tokenizer")
+    decoder_tokenizer.save_pretrained(path / "decoder_tokenizer")
+    (path / "answers.json").write_text(json.dumps(answers, indent=0))
+
+
+def read_assets(path: Path) -> tuple[DictConfig, object, object, list[str]]:
+    path = Path(path)
+    missing = [n for n in ("config.yaml", "tokenizer", "decoder_tokenizer", "answers.json") if not (path / n).exists()]
+    if missing:
+        raise MMQAError(f"{path} is not an mmqa bundle: missing {', '.join(missing)}")
+    cfg = OmegaConf.load(path / "config.yaml")
+    answers = json.loads((path / "answers.json").read_text())
+    return cfg, load_tokenizer(path / "tokenizer"), load_tokenizer(path / "decoder_tokenizer"), answers
+
+
+@dataclass
+class Answer:
+    answer: str
+    top: list[tuple[str, float]]  # the top-k answers with their probabilities
+    attention: torch.Tensor | None  # (grid, grid) question -> patch attention, averaged over heads and tokens
+
+
+class Bundle:
+    def __init__(self, cfg: DictConfig, model: MMQAModel, text_tokenizer, decoder_tokenizer, answers: list[str]):
+        self.cfg = cfg
+        self.model = model.eval()
+        self.text_tokenizer = text_tokenizer
+        self.decoder_tokenizer = decoder_tokenizer
+        self.answers = answers
+        self.transform = ImageTransform(cfg.data.image_size, list(cfg.data.mean), list(cfg.data.std))
+
+    # ----------------------------------------------------------------------------- save / load
+    def save(self, path: str | Path) -> Path:
+        """Write atomically: into a temporary sibling, then rename over `path`."""
+        path = Path(path)
+        tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        write_assets(tmp, self.cfg, self.text_tokenizer, self.decoder_tokenizer, self.answers)
+        save_model(self.model, str(tmp / WEIGHTS))  # handles GPT-2's tied embeddings
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{os.getpid()}"
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "cpu") -> "Bundle":
+        path = Path(path)
+        cfg, text_tok, dec_tok, answers = read_assets(path)
+        if not (path / WEIGHTS).is_file():
+            raise MMQAError(f"{path} is not an mmqa bundle: missing {WEIGHTS}")
+        model = build_model(cfg.model, len(answers), text_tok, dec_tok)
+        load_model(model, str(path / WEIGHTS), device=device)
+        return cls(cfg, model.to(device), text_tok, dec_tok, answers)
+
+    # ----------------------------------------------------------------------------- inference
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _images(self, images: list) -> torch.Tensor:
+        pil = [to_rgb(im) if isinstance(im, Image.Image) else load_image(im) for im in images]
+        return torch.stack([self.transform(im) for im in pil]).to(self.device)  # (B, 3, S, S)
+
+    def _text(self, texts: list[str]):
+        enc = self.text_tokenizer(
+            texts, padding=True, truncation=True, max_length=self.cfg.data.max_question_length, return_tensors="pt"
+        ).to(self.device)
+        return self.model.encode_text(enc["input_ids"], enc["attention_mask"])
+
+    @torch.no_grad()
+    def answer(self, image, question: str, top_k: int = 5, return_attention: bool = False) -> Answer:
+        """Answer one question about one image (a path or a PIL image)."""
+        img = self.model.encode_images(self._images([image]))
+        q = self._text([question])
+        idx = torch.zeros(1, dtype=torch.long, device=self.device)
+        logits, fused = self.model.answer_logits(img, idx, q, return_attention=return_attention)
+        probs = logits[0].sigmoid()  # soft-score BCE: independent per-answer probabilities
+        p, i = probs.topk(min(top_k, len(self.answers)))
+        top = [(self.answers[j], float(v)) for v, j in zip(p.tolist(), i.tolist())]
+        attn = None
+        if fused.attention is not None:
+            g = self.model.grid
+            attn = fused.attention[0].mean(dim=(0, 1)).reshape(g, g).cpu()  # (h, T, N) -> (g, g)
+        return Answer(answer=top[0][0], top=top, attention=attn)
+
+    @torch.no_grad()
+    def caption(self, image, **generate_kwargs) -> str:
+        """Describe one image; `generate_kwargs` go to transformers' `generate` (num_beams, do_sample, ...)."""
+        img = self.model.encode_images(self._images([image]))
+        kwargs = {**OmegaConf.to_container(self.cfg.generation), **generate_kwargs}
+        return generate_captions(self.model, self.decoder_tokenizer, img, **kwargs)[0]
+
+    @torch.no_grad()
+    def embed_image(self, images: list) -> torch.Tensor:  # -> (B, E) unit norm
+        return self.model.embed_image(self.model.encode_images(self._images(images)))
+
+    @torch.no_grad()
+    def embed_text(self, texts: list[str]) -> torch.Tensor:  # -> (T, E) unit norm
+        return self.model.embed_text(self._text(texts))

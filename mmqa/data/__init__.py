@@ -1,0 +1,1 @@
+"""Datasets: readers, the built-in procedural worlds, tokenizers and the LightningDataModule."""

@@ -1,0 +1,148 @@
+"""From image records to one multi-task batch. Each image appears once in a batch with all of its
+questions and captions; questions and captions carry the row of their image (`q_img_idx`,
+`c_img_idx`) so the model encodes each image once."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import Dataset
+
+from mmqa.data.images import ImageTransform, load_image
+from mmqa.data.records import ImageRecord
+from mmqa.metrics.vqa import soft_scores
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # (B, 3, S, S)
+    image_ids: torch.Tensor  # (B,) index of each image in its split
+    q_input_ids: torch.Tensor  # (Q, Lq) questions, text-encoder tokens
+    q_attention_mask: torch.Tensor  # (Q, Lq)
+    q_img_idx: torch.Tensor  # (Q,) row in `images` of each question's image
+    vqa_targets: torch.Tensor  # (Q, K) soft scores over the answer vocabulary
+    c_input_ids: torch.Tensor  # (C, Lc) captions, text-encoder tokens (contrastive)
+    c_attention_mask: torch.Tensor  # (C, Lc)
+    c_img_idx: torch.Tensor  # (C,) row in `images` of each caption's image
+    d_input_ids: torch.Tensor  # (C, Ld) [BOS] caption [EOS], decoder tokens
+    d_attention_mask: torch.Tensor  # (C, Ld)
+    d_labels: torch.Tensor  # (C, Ld) d_input_ids with padding positions set to -100
+    clip_caption: torch.Tensor  # (B,) caption row paired with each image for the contrastive loss, -1 if none
+    q_answers: list[list[str]]  # annotators' answers per question, for VQA accuracy
+    q_families: list[str | None]  # family per question, for per-family accuracy
+    refs: list[list[str]]  # all captions per image, for BLEU / CIDEr
+
+    @property
+    def num_questions(self) -> int:
+        return self.q_img_idx.numel()
+
+    @property
+    def num_captions(self) -> int:
+        return self.c_img_idx.numel()
+
+
+class RecordDataset(Dataset):
+    """Image records -> (index, image tensor, record). Images are decoded lazily, one per item."""
+
+    def __init__(self, records: list[ImageRecord], transform: ImageTransform):
+        self.records = records
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor, ImageRecord]:
+        rec = self.records[i]
+        return i, self.transform(load_image(rec.image)), rec
+
+
+class Collator:
+    """Tokenises and stacks a list of dataset items into one `Batch`."""
+
+    def __init__(
+        self,
+        text_tokenizer,
+        decoder_tokenizer,
+        answers: list[str],
+        max_question_length: int,
+        max_caption_length: int,
+        max_captions_per_image: int,
+        train: bool,
+    ):
+        self.text_tok = text_tokenizer
+        self.dec_tok = decoder_tokenizer
+        self.answer_index = {a: i for i, a in enumerate(answers)}
+        self.max_q = max_question_length
+        self.max_c = max_caption_length
+        self.max_captions = max_captions_per_image
+        self.train = train  # training pairs each image with a random caption; evaluation with the first
+
+    def _encode_text(self, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not texts:
+            empty = torch.zeros(0, 1, dtype=torch.long)
+            return empty, empty
+        enc = self.text_tok(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        return enc["input_ids"], enc["attention_mask"]
+
+    def _encode_decoder(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        tok = self.dec_tok
+        seqs = [
+            [tok.bos_token_id] + tok(t, add_special_tokens=False)["input_ids"][: self.max_c - 2] + [tok.eos_token_id]
+            for t in texts
+        ]
+        L = max((len(s) for s in seqs), default=1)
+        ids = torch.full((len(seqs), L), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), L), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = 1
+        labels = ids.masked_fill(mask == 0, -100)  # padding by position, never by token id (pad may equal eos)
+        return ids, mask, labels
+
+    def __call__(self, items: list[tuple[int, torch.Tensor, ImageRecord]]) -> Batch:
+        questions, q_img, answers, families, targets = [], [], [], [], []
+        captions, c_img, clip_caption, refs = [], [], [], []
+        for row, (_, _, rec) in enumerate(items):
+            for qa in rec.questions:
+                questions.append(qa.question)
+                q_img.append(row)
+                answers.append(qa.answers)
+                families.append(qa.family)
+                target = torch.zeros(len(self.answer_index))
+                for ans, score in soft_scores(qa.answers).items():
+                    if ans in self.answer_index:
+                        target[self.answer_index[ans]] = score
+                targets.append(target)
+            caps = rec.captions[: self.max_captions]
+            refs.append(list(rec.captions))
+            if caps:
+                pick = random.randrange(len(caps)) if self.train else 0
+                clip_caption.append(len(captions) + pick)
+            else:
+                clip_caption.append(-1)
+            captions.extend(caps)
+            c_img.extend([row] * len(caps))
+        q_ids, q_mask = self._encode_text(questions, self.max_q)
+        c_ids, c_mask = self._encode_text(captions, self.max_c)
+        d_ids, d_mask, d_labels = self._encode_decoder(captions)
+        K = len(self.answer_index)
+        return Batch(
+            images=torch.stack([x for _, x, _ in items]),
+            image_ids=torch.tensor([i for i, _, _ in items], dtype=torch.long),
+            q_input_ids=q_ids,
+            q_attention_mask=q_mask,
+            q_img_idx=torch.tensor(q_img, dtype=torch.long),
+            vqa_targets=torch.stack(targets) if targets else torch.zeros(0, K),
+            c_input_ids=c_ids,
+            c_attention_mask=c_mask,
+            c_img_idx=torch.tensor(c_img, dtype=torch.long),
+            d_input_ids=d_ids,
+            d_attention_mask=d_mask,
+            d_labels=d_labels,
+            clip_caption=torch.tensor(clip_caption, dtype=torch.long),
+            q_answers=answers,
+            q_families=families,
+            refs=refs,
+        )

@@ -1,0 +1,159 @@
+"""The LightningModule: the multi-task loss (VQA soft-score BCE + caption LM + CLIP contrastive, each
+computed only where the batch has its labels and weighted from the config), the metrics under
+"split/name" keys, and AdamW with linear warmup + cosine decay. The model itself is plain PyTorch
+(`mmqa.models`)."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from open_clip.loss import ClipLoss
+from transformers import get_cosine_schedule_with_warmup
+
+from mmqa.data.batch import Batch
+from mmqa.generate import generate_captions
+from mmqa.metrics import CaptionScores, RetrievalRecall, VQAAccuracy
+from mmqa.models.mmqa_model import MMQAModel
+
+TASKS = ("vqa", "caption", "contrastive")
+
+
+class LitMMQA(L.LightningModule):
+    def __init__(
+        self,
+        model: MMQAModel,
+        answers: list[str],
+        families: list[str],
+        decoder_tokenizer,
+        loss_weights: dict[str, float],
+        optim: dict,
+        generation: dict,
+        max_caption_eval_images: int,
+    ):
+        super().__init__()
+        unknown = set(loss_weights) - set(TASKS)
+        if unknown:
+            raise ValueError(f"unknown loss term(s) {sorted(unknown)} in loss weights; valid: {list(TASKS)}")
+        self.model = model
+        self.answers = answers
+        self.families = families
+        self.dec_tok = decoder_tokenizer
+        self.loss_weights = {t: float(loss_weights.get(t, 0.0)) for t in TASKS}
+        self.optim = optim
+        self.generation = dict(generation)
+        self.max_caption_eval_images = max_caption_eval_images
+        self.clip_loss = ClipLoss()
+        for split in ("val", "test"):
+            setattr(self, f"{split}_vqa", VQAAccuracy(families))
+            setattr(self, f"{split}_captions", CaptionScores())
+            setattr(self, f"{split}_retrieval", RetrievalRecall())
+        self._captioned = 0  # images captioned so far this validation epoch
+
+    # ----------------------------------------------------------------------------- losses
+    def compute_losses(self, batch: Batch) -> tuple[dict[str, torch.Tensor], dict]:
+        """Every enabled loss whose labels are in the batch; also the intermediate outputs for metrics."""
+        w = self.loss_weights
+        m = self.model
+        img = m.encode_images(batch.images)  # tokens (B, N, D)
+        losses, out = {}, {"img": img}
+        if batch.num_questions and (w["vqa"] > 0 or not self.training):
+            q = m.encode_text(batch.q_input_ids, batch.q_attention_mask)
+            logits, _ = m.answer_logits(img, batch.q_img_idx, q)  # (Q, K)
+            # summed over answers, averaged over questions: the usual VQA BCE scale
+            losses["vqa"] = F.binary_cross_entropy_with_logits(logits, batch.vqa_targets, reduction="sum") / len(logits)
+            out["vqa_logits"] = logits
+        if batch.num_captions and (w["caption"] > 0 or not self.training):
+            losses["caption"] = m.caption_loss(
+                img, batch.c_img_idx, batch.d_input_ids, batch.d_attention_mask, batch.d_labels
+            )
+        has_caption = batch.clip_caption >= 0  # (B,)
+        if has_caption.sum() >= 2 and (w["contrastive"] > 0 or not self.training):
+            c = m.encode_text(batch.c_input_ids, batch.c_attention_mask)
+            img_emb = m.embed_image(img)  # (B, E)
+            txt_emb = m.embed_text(c)  # (C, E)
+            pair_img = img_emb[has_caption]
+            pair_txt = txt_emb[batch.clip_caption[has_caption]]  # (B', E)
+            scale = m.contrastive.logit_scale.exp().clamp(max=100.0)
+            losses["contrastive"] = self.clip_loss(pair_img, pair_txt, scale)
+            out["img_emb"], out["txt_emb"] = img_emb, txt_emb
+        return losses, out
+
+    def total_loss(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        return sum(self.loss_weights[k] * v for k, v in losses.items() if self.loss_weights[k] > 0)
+
+    # ----------------------------------------------------------------------------- steps
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        losses, _ = self.compute_losses(batch)
+        loss = self.total_loss(losses)
+        B = len(batch.images)
+        for k, v in losses.items():
+            self.log(f"train/{k}_loss", v, batch_size=B)
+        self.log("train/loss", loss, prog_bar=True, batch_size=B)
+        return loss
+
+    def _eval_step(self, batch: Batch, split: str) -> None:
+        losses, out = self.compute_losses(batch)
+        B = len(batch.images)
+        for k, v in losses.items():
+            self.log(f"{split}/{k}_loss", v, batch_size=B, sync_dist=True)
+        if "vqa_logits" in out:
+            preds = [self.answers[i] for i in out["vqa_logits"].argmax(-1).tolist()]
+            getattr(self, f"{split}_vqa").update(preds, batch.q_answers, batch.q_families)
+        if "img_emb" in out:
+            getattr(self, f"{split}_retrieval").update(
+                batch.image_ids, out["img_emb"], batch.image_ids[batch.c_img_idx], out["txt_emb"]
+            )
+        self._score_captions(batch, out["img"], split)
+
+    def _score_captions(self, batch: Batch, img, split: str) -> None:
+        limit = self.max_caption_eval_images if split == "val" else None
+        rows = [i for i, r in enumerate(batch.refs) if r]
+        if limit is not None:
+            rows = rows[: max(0, limit - self._captioned)]
+        if not rows:
+            return
+        self._captioned += len(rows)
+        idx = torch.tensor(rows, device=self.device)
+        sub = type(img)(tokens=img.tokens[idx], mask=img.mask[idx], pooled=img.pooled[idx])
+        hyps = generate_captions(self.model, self.dec_tok, sub, **self.generation)
+        ids = [f"{split}-{batch.image_ids[i].item()}" for i in rows]
+        getattr(self, f"{split}_captions").update(ids, hyps, [batch.refs[i] for i in rows])
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def _epoch_end(self, split: str) -> None:
+        self._captioned = 0
+        for name in ("vqa", "retrieval", "captions"):
+            metric = getattr(self, f"{split}_{name}")
+            if metric.update_count:
+                self.log_dict({f"{split}/{k}": v for k, v in metric.compute().items()})
+            metric.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._epoch_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._epoch_end("test")
+
+    # ----------------------------------------------------------------------------- optimisation
+    def configure_optimizers(self):
+        o = self.optim
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                # norms, biases, embeddings' scalars and the temperature are not decayed
+                (no_decay if p.ndim < 2 else decay).append(p)
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": o["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=o["lr"],
+            betas=tuple(o["betas"]),
+        )
+        total = self.trainer.estimated_stepping_batches
+        warmup = int(o["warmup_fraction"] * total)
+        sched = get_cosine_schedule_with_warmup(opt, warmup, total)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -1,0 +1,80 @@
+"""The caption / recipe decoder: transformers' `GPT2LMHeadModel` with cross-attention layers that
+read the image tokens. Training uses GPT-2's own shifted LM loss (labels of -100 are ignored);
+generation goes through transformers' `generate` (greedy, beam search, sampling, KV cache)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from mmqa.models.pretrained import load_pretrained
+
+
+class CaptionDecoder(nn.Module):
+    def __init__(
+        self,
+        vocab_size: int,
+        context_dim: int,
+        width: int,
+        depth: int,
+        heads: int,
+        max_length: int,
+        dropout: float,
+        bos_token_id: int,
+        eos_token_id: int,
+        pad_token_id: int,
+        pretrained: str | None = None,
+    ):
+        super().__init__()
+        if pretrained:
+            self.gpt2 = load_pretrained(
+                pretrained,
+                "decoder",
+                # cross-attention layers are new: transformers initialises them randomly
+                lambda src: GPT2LMHeadModel.from_pretrained(src, add_cross_attention=True, attn_implementation="sdpa"),
+            )
+        else:
+            config = GPT2Config(
+                vocab_size=vocab_size,
+                n_positions=max_length,
+                n_embd=width,
+                n_layer=depth,
+                n_head=heads,
+                resid_pdrop=dropout,
+                embd_pdrop=dropout,
+                attn_pdrop=dropout,
+                add_cross_attention=True,
+                bos_token_id=bos_token_id,
+                eos_token_id=eos_token_id,
+                pad_token_id=pad_token_id,
+            )
+            self.gpt2 = GPT2LMHeadModel._from_config(config, attn_implementation="sdpa")
+        self.context_proj = nn.Linear(context_dim, self.gpt2.config.n_embd)
+
+    def loss(
+        self,
+        context: torch.Tensor,  # (C, N, Dc) image tokens, one row per caption
+        input_ids: torch.Tensor,  # (C, L) bos + caption + eos, padded
+        attention_mask: torch.Tensor,  # (C, L)
+        labels: torch.Tensor,  # (C, L) input_ids with padding set to -100
+    ) -> torch.Tensor:
+        out = self.gpt2(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            encoder_hidden_states=self.context_proj(context),
+            labels=labels,
+        )
+        return out.loss
+
+    @torch.no_grad()
+    def generate(self, context: torch.Tensor, prompt_ids: torch.Tensor, **generate_kwargs) -> torch.Tensor:
+        """context (B, N, Dc), prompt_ids (B, P) -> generated ids (B, P + new)."""
+        return self.gpt2.generate(
+            input_ids=prompt_ids,
+            attention_mask=torch.ones_like(prompt_ids),
+            encoder_hidden_states=self.context_proj(context),
+            pad_token_id=self.gpt2.config.pad_token_id,
+            eos_token_id=self.gpt2.config.eos_token_id,
+            **generate_kwargs,
+        )

@@ -1,0 +1,41 @@
+"""Cross-attention fusion: question tokens attend to image patches layer by layer (ViLBERT / LXMERT
+style). With `bidirectional`, image patches also attend back to the question in each layer."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mmqa.models.layers import Block, masked_mean
+from mmqa.models.outputs import FusionOutput
+
+
+class CrossFusion(nn.Module):
+    def __init__(self, dim: int, depth: int, heads: int, mlp_ratio: float, dropout: float, bidirectional: bool):
+        super().__init__()
+        self.text_blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, dropout, cross=True) for _ in range(depth))
+        self.image_blocks = (
+            nn.ModuleList(Block(dim, heads, mlp_ratio, dropout, cross=True) for _ in range(depth))
+            if bidirectional
+            else None
+        )
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(
+        self,
+        img_tokens: torch.Tensor,  # (B, N, D)
+        img_mask: torch.Tensor,  # (B, N) bool
+        txt_tokens: torch.Tensor,  # (B, T, D)
+        txt_mask: torch.Tensor,  # (B, T) bool
+        return_attention: bool = False,
+    ) -> FusionOutput:
+        t, v = txt_tokens, img_tokens
+        weights = None
+        for i, blk in enumerate(self.text_blocks):
+            last = i == len(self.text_blocks) - 1
+            t_new, weights = blk(t, txt_mask, v, img_mask, need_weights=return_attention and last)
+            if self.image_blocks is not None:
+                v, _ = self.image_blocks[i](v, img_mask, t, txt_mask)
+            t = t_new
+        t = self.norm(t)
+        return FusionOutput(pooled=masked_mean(t, txt_mask), tokens=t, attention=weights)  # weights (B, h, T, N)

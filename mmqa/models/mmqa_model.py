@@ -1,0 +1,88 @@
+"""The assembled multi-task model: image encoder + text encoder -> fusion -> VQA head; pooled
+vectors -> contrastive projections; image tokens -> GPT-2 decoder.
+
+Images are encoded once per batch; questions and captions carry the index of their image
+(`q_img_idx`, `c_img_idx`) and gather its tokens, so the image tower's cost does not grow with the
+number of questions.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mmqa.models.decoder import CaptionDecoder
+from mmqa.models.heads import ContrastiveHead, VQAHead
+from mmqa.models.outputs import EncoderOutput, FusionOutput
+
+
+def _project(out: EncoderOutput, proj: nn.Module) -> EncoderOutput:
+    return EncoderOutput(tokens=proj(out.tokens), mask=out.mask, pooled=proj(out.pooled))
+
+
+class MMQAModel(nn.Module):
+    def __init__(
+        self,
+        image_encoder: nn.Module,
+        text_encoder: nn.Module,
+        fusion: nn.Module,
+        decoder: CaptionDecoder,
+        dim: int,
+        num_answers: int,
+        embed_dim: int,
+        head_mlp_ratio: float,
+        dropout: float,
+        init_temperature: float,
+    ):
+        super().__init__()
+        self.image_encoder = image_encoder
+        self.text_encoder = text_encoder
+        # encoder widths are read from the built modules, never typed twice in the config
+        self.image_proj = nn.Linear(image_encoder.out_dim, dim) if image_encoder.out_dim != dim else nn.Identity()
+        self.text_proj = nn.Linear(text_encoder.out_dim, dim) if text_encoder.out_dim != dim else nn.Identity()
+        self.fusion = fusion
+        self.vqa_head = VQAHead(dim, num_answers, head_mlp_ratio, dropout)
+        self.contrastive = ContrastiveHead(dim, dim, embed_dim, init_temperature)
+        self.decoder = decoder
+
+    @property
+    def grid(self) -> int:
+        """Patches per image side, to lay attention maps over the image."""
+        return self.image_encoder.grid
+
+    def encode_images(self, images: torch.Tensor) -> EncoderOutput:  # (B, 3, H, W) -> tokens (B, N, D)
+        return _project(self.image_encoder(images), self.image_proj)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> EncoderOutput:  # (T, L)
+        return _project(self.text_encoder(input_ids, attention_mask), self.text_proj)
+
+    def answer_logits(
+        self,
+        img: EncoderOutput,  # tokens (B, N, D)
+        q_img_idx: torch.Tensor,  # (Q,) image row of each question
+        question: EncoderOutput,  # tokens (Q, T, D)
+        return_attention: bool = False,
+    ) -> tuple[torch.Tensor, FusionOutput]:
+        fused = self.fusion(
+            img.tokens[q_img_idx], img.mask[q_img_idx], question.tokens, question.mask, return_attention
+        )
+        return self.vqa_head(fused.pooled), fused  # (Q, K)
+
+    def embed_image(self, img: EncoderOutput) -> torch.Tensor:  # -> (B, E) unit norm
+        return self.contrastive.embed_image(img.pooled)
+
+    def embed_text(self, text: EncoderOutput) -> torch.Tensor:  # -> (T, E) unit norm
+        return self.contrastive.embed_text(text.pooled)
+
+    def caption_loss(
+        self,
+        img: EncoderOutput,
+        c_img_idx: torch.Tensor,  # (C,)
+        input_ids: torch.Tensor,  # (C, L)
+        attention_mask: torch.Tensor,  # (C, L)
+        labels: torch.Tensor,  # (C, L), -100 on padding
+    ) -> torch.Tensor:
+        return self.decoder.loss(img.tokens[c_img_idx], input_ids, attention_mask, labels)
+
+    def generate(self, img: EncoderOutput, prompt_ids: torch.Tensor, **generate_kwargs) -> torch.Tensor:
+        return self.decoder.generate(img.tokens, prompt_ids, **generate_kwargs)  # (B, P + new)

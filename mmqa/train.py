@@ -1,0 +1,124 @@
+"""Training orchestration: `train(cfg) -> metrics`. Builds data, tokenizers and model from the composed
+config, fits with Lightning, tests the best checkpoint, and writes `metrics.json` and the inference
+bundle into the run folder. `train.py` at the top level is the Hydra entry point around it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from mmqa.build import build_model, build_tokenizers
+from mmqa.bundle import Bundle, read_assets, write_assets
+from mmqa.errors import ConfigError
+from mmqa.lit_module import LitMMQA
+
+RUN_KEY = "run_key.txt"
+
+
+def run_key(cfg: DictConfig) -> str:
+    """Identity of a run's configuration, ignoring where it writes and whether it resumes."""
+    c = OmegaConf.to_container(cfg, resolve=False)
+    for k in ("ckpt_path", "paths"):
+        c.pop(k, None)
+    return hashlib.sha256(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def find_last_checkpoint(cfg: DictConfig, output_dir: Path) -> Path:
+    """`ckpt_path=last`: the newest `checkpoints/last.ckpt` among earlier runs of this same config."""
+    key = run_key(cfg)
+    runs_root = output_dir.parent
+    found = [
+        d / "checkpoints" / "last.ckpt"
+        for d in runs_root.glob("*")
+        if d != output_dir and (d / RUN_KEY).is_file() and (d / RUN_KEY).read_text().strip() == key
+        and (d / "checkpoints" / "last.ckpt").is_file()
+    ]
+    if not found:
+        raise ConfigError(
+            f"ckpt_path=last: no earlier run of this config with checkpoints/last.ckpt under {runs_root}; "
+            f"start a new run without ckpt_path, or pass ckpt_path=/path/to/file.ckpt"
+        )
+    return max(found, key=lambda p: p.stat().st_mtime)
+
+
+def _resolve_ckpt(cfg: DictConfig, output_dir: Path) -> Path | None:
+    if cfg.ckpt_path is None:
+        return None
+    if cfg.ckpt_path == "last":
+        return find_last_checkpoint(cfg, output_dir)
+    path = Path(cfg.ckpt_path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"ckpt_path: no checkpoint file at {path}")
+    return path
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    L.seed_everything(cfg.seed, workers=True)
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    resume = _resolve_ckpt(cfg, out)
+    (out / RUN_KEY).write_text(run_key(cfg))
+
+    dm = instantiate(cfg.data)
+    dm.load_records()
+    if resume is not None:  # same tokenizers and answers as the interrupted run
+        _, text_tok, dec_tok, answers = read_assets(resume.parent.parent / "bundle")
+    else:
+        answers = dm.answer_vocab()
+        text_tok, dec_tok = build_tokenizers(cfg.model, cfg.tokenizer, dm.train_texts())
+    write_assets(out / "bundle", cfg, text_tok, dec_tok, answers)
+    dm.attach(text_tok, dec_tok, answers)
+
+    model = build_model(cfg.model, len(answers), text_tok, dec_tok)
+    lit = LitMMQA(
+        model,
+        answers=answers,
+        families=dm.families(),
+        decoder_tokenizer=dec_tok,
+        loss_weights=cfg.loss,
+        optim=cfg.optim,
+        generation=cfg.generation,
+        max_caption_eval_images=cfg.eval.max_caption_eval_images,
+    )
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+    start = time.perf_counter()
+    trainer.fit(lit, datamodule=dm, ckpt_path=resume)
+    fit_s = time.perf_counter() - start
+
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    ckpt = best or None
+    metrics = {}
+    for result in trainer.validate(lit, datamodule=dm, ckpt_path=ckpt) + (
+        trainer.test(lit, datamodule=dm, ckpt_path=ckpt) if dm.records["test"] else []
+    ):
+        metrics.update(result)
+    n_train = len(dm.records["train"])
+    metrics.update(
+        {
+            "train/fit_seconds": fit_s,
+            "train/images_per_second": n_train * max(trainer.current_epoch, 1) / fit_s,
+            "train/epochs": trainer.current_epoch,
+            "model/parameters": sum(p.numel() for p in model.parameters()),
+        }
+    )
+    metrics = {k: float(v) for k, v in metrics.items()}
+    if trainer.is_global_zero:
+        Bundle(cfg, lit.model, text_tok, dec_tok, answers).save(out / "bundle")
+        _write_json(out / "metrics.json", metrics)
+    return metrics
