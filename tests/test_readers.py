@@ -70,12 +70,15 @@ def test_missing_split_file_is_none_and_missing_root_is_an_error(root, tmp_path)
 
 
 @pytest.mark.parametrize("line, problem", [
-    ('{"image": "images/a.png", "captions": ["x"],}', r"malformed JSON \(Expecting property name enclosed in double quotes: line 1 column 45\)"),
+    ('{"image": "images/a.png", "captions": ["x"],}',
+     r"malformed JSON \(Expecting property name enclosed in double quotes: line 1 column 45\)"),
     ('["images/a.png"]', "expected a JSON object, got list"),
     ('{"question": "q?", "answers": ["a"]}', "missing required key 'image'"),
     ('{"image": 3, "captions": ["x"]}', "'image' must be a non-empty string, got int"),
-    ('{"image": "images/a.png", "question": "q?", "answers": "yes"}', "'answers' must be a non-empty list of strings, got str"),
-    ('{"image": "images/a.png", "question": "q?", "answers": []}', "'answers' must be a non-empty list of strings, got list"),
+    ('{"image": "images/a.png", "question": "q?", "answers": "yes"}',
+     "'answers' must be a non-empty list of strings, got str"),
+    ('{"image": "images/a.png", "question": "q?", "answers": []}',
+     "'answers' must be a non-empty list of strings, got list"),
     ('{"image": "images/a.png", "question": "q?"}', "'question' has no 'answers'"),
     ('{"image": "images/a.png", "answers": ["yes"]}', "'answers' given without a 'question'"),
     ('{"image": "images/a.png", "captions": "a red square"}', "'captions' must be a list of strings, got str"),
@@ -92,7 +95,8 @@ def test_each_bad_line_names_file_line_and_problem(root, line, problem):
 
 def test_invalid_utf8_names_the_line(root):
     path = root / "train.jsonl"
-    path.write_bytes(b'{"image": "images/a.png", "captions": ["ok"]}\n{"image": "images/b.png", "captions": ["caf\xe9"]}\n')
+    latin1 = '{"image": "images/b.png", "captions": ["café"]}'.encode("latin-1")
+    path.write_bytes(b'{"image": "images/a.png", "captions": ["ok"]}\n' + latin1 + b"\n")
     with pytest.raises(DataError, match=rf"train\.jsonl:2: line is not valid UTF-8 \(invalid continuation byte"):
         JsonlReader(root).read("train")
 
@@ -201,7 +205,8 @@ def test_vqav2_errors_name_the_file_and_entry(vqa_root):
         VQAv2Reader(vqa_root).read("val")
     write_vqa(vqa_root, "val2014", questions=[{"image_id": 5, "question": "q?", "question_id": 50}],
               annotations=[vqa_annotation(50, 5, ["a"] * 10, "other", "what")])
-    with pytest.raises(DataError, match=r"questions\.json: questions\[0\]: image not found: .*COCO_val2014_000000000005\.jpg"):
+    missing = r"questions\.json: questions\[0\]: image not found: .*COCO_val2014_000000000005\.jpg"
+    with pytest.raises(DataError, match=missing):
         VQAv2Reader(vqa_root).read("val")
     a_path.unlink()
     with pytest.raises(DataError, match=f"found {re.escape(str(q_path.resolve()))} but not"):
@@ -251,7 +256,7 @@ def test_coco_captions_errors_name_the_file_and_entry(coco_root):
     with pytest.raises(DataError, match=r"captions_val2017\.json: annotations\[1\]: missing key 'caption'"):
         CocoCaptionsReader(coco_root).read("val")
     write_coco(coco_root, "val2017", images, [{"id": 1, "image_id": 7, "caption": "lost"}])
-    with pytest.raises(DataError, match=r"captions_val2017\.json: annotations\[0\]: image_id 7 has no entry in 'images'"):
+    with pytest.raises(DataError, match=r"captions_val2017\.json: annotations\[0\]: image_id 7 has no entry"):
         CocoCaptionsReader(coco_root).read("val")
     path = write_coco(coco_root, "val2017", images, [])
     path.write_text(path.read_text()[:-1])

@@ -169,7 +169,7 @@ def _entries(data: Any, key: str, path: Path) -> list[dict]:
     return data[key]
 
 
-def _field(entry: Any, key: str, kind: type | tuple[type, ...], where: str) -> Any:
+def _field(entry: Any, key: str, kind: type, where: str) -> Any:
     """entry[key], checked to be of `kind`; `where` names the entry, e.g. "file: annotations[12]"."""
     if not isinstance(entry, dict):
         raise DataError(f"{where}: expected a JSON object, got {_type_name(entry)}")
