@@ -22,10 +22,15 @@ from mmqa.lit_module import LitMMQA
 RUN_KEY = "run_key.txt"
 
 
+# Keys that may change between an interrupted run and its resumption (more epochs, another device,
+# other loggers) without making it a different experiment.
+NOT_IN_RUN_KEY = ("ckpt_path", "paths", "trainer", "logger", "callbacks")
+
+
 def run_key(cfg: DictConfig) -> str:
-    """Identity of a run's configuration, ignoring where it writes and whether it resumes."""
+    """Identity of a run's experiment: data, model, losses, optimiser, seed — not `NOT_IN_RUN_KEY`."""
     c = OmegaConf.to_container(cfg, resolve=False)
-    for k in ("ckpt_path", "paths"):
+    for k in NOT_IN_RUN_KEY:
         c.pop(k, None)
     return hashlib.sha256(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -59,7 +64,7 @@ def _resolve_ckpt(cfg: DictConfig, output_dir: Path) -> Path | None:
     return path
 
 
-def _write_json(path: Path, data: dict) -> None:
+def write_json(path: Path, data: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
     os.replace(tmp, path)
@@ -120,5 +125,5 @@ def train(cfg: DictConfig) -> dict[str, float]:
     metrics = {k: float(v) for k, v in metrics.items()}
     if trainer.is_global_zero:
         Bundle(cfg, lit.model, text_tok, dec_tok, answers).save(out / "bundle")
-        _write_json(out / "metrics.json", metrics)
+        write_json(out / "metrics.json", metrics)
     return metrics

@@ -77,7 +77,7 @@ class Collator:
         self.max_q = max_question_length
         self.max_c = max_caption_length
         self.max_captions = max_captions_per_image
-        self.train = train  # training pairs each image with a random caption; evaluation with the first
+        self.train = train
 
     def _encode_text(self, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not texts:
@@ -115,13 +115,11 @@ class Collator:
                     if ans in self.answer_index:
                         target[self.answer_index[ans]] = score
                 targets.append(target)
-            caps = rec.captions[: self.max_captions]
+            n = min(len(rec.captions), self.max_captions)
+            # training sees a fresh random subset of the captions each time; evaluation the first ones
+            caps = random.sample(rec.captions, n) if self.train else rec.captions[:n]
             refs.append(list(rec.captions))
-            if caps:
-                pick = random.randrange(len(caps)) if self.train else 0
-                clip_caption.append(len(captions) + pick)
-            else:
-                clip_caption.append(-1)
+            clip_caption.append(len(captions) if caps else -1)  # contrastive pair: the first of `caps`
             captions.extend(caps)
             c_img.extend([row] * len(caps))
         q_ids, q_mask = self._encode_text(questions, self.max_q)

@@ -82,8 +82,8 @@ class MMQADataModule(L.LightningDataModule):
             yield from (qa.question for qa in r.questions)
             yield from r.captions
 
-    def families(self) -> list[str]:
-        return sorted({qa.family for r in self.load_records()["train"] for qa in r.questions if qa.family})
+    def families(self, split: str = "train") -> list[str]:
+        return sorted({qa.family for r in self.load_records()[split] for qa in r.questions if qa.family})
 
     def answer_vocab(self) -> list[str]:
         return build_answer_vocab(self.load_records()["train"], self.answer_top_k)
@@ -93,7 +93,7 @@ class MMQADataModule(L.LightningDataModule):
         self.tokenizers = (text_tokenizer, decoder_tokenizer)
         self.answers = answers
 
-    def _loader(self, split: str, train: bool) -> DataLoader:
+    def loader(self, split: str, train: bool) -> DataLoader:
         if self.tokenizers is None:
             raise RuntimeError("MMQADataModule.attach(...) must be called before asking for data loaders")
         collate = Collator(*self.tokenizers, self.answers, train=train, **self.collate_args)
@@ -107,10 +107,10 @@ class MMQADataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
+        return self.loader("train", train=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", train=False)
+        return self.loader("val", train=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", train=False)
+        return self.loader("test", train=False)

@@ -31,11 +31,16 @@ class Attention(nn.Module):
         context: torch.Tensor,  # (B, N, D)
         context_mask: torch.Tensor,  # (B, N) bool, True = attend
         need_weights: bool = False,
+        context_idx: torch.Tensor | None = None,  # (Q,): query row i reads context row context_idx[i]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         B, T, D = x.shape
         h = self.heads
         q = self.q(x).view(B, T, h, D // h).transpose(1, 2)  # (B, h, T, d)
-        k, v = self.kv(context).view(B, -1, 2, h, D // h).permute(2, 0, 3, 1, 4)  # 2 x (B, h, N, d)
+        Bc = context.shape[0]
+        k, v = self.kv(context).view(Bc, -1, 2, h, D // h).permute(2, 0, 3, 1, 4)  # 2 x (Bc, h, N, d)
+        if context_idx is not None:
+            # keys/values are projected once per image and gathered per question, not once per question
+            k, v, context_mask = k[context_idx], v[context_idx], context_mask[context_idx]  # (B, h, N, d)
         bias = context_mask[:, None, None, :]  # (B, 1, 1, N)
         weights = None
         if need_weights:
@@ -81,13 +86,14 @@ class Block(nn.Module):
         context: torch.Tensor | None = None,  # (B, N, D)
         context_mask: torch.Tensor | None = None,  # (B, N) bool
         need_weights: bool = False,
+        context_idx: torch.Tensor | None = None,  # (B,) row of `context` for each row of x; None: same row
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         h = self.norm1(x)
         a, self_w = self.self_attn(h, h, mask, need_weights=need_weights and not self.cross)
         x = x + self.drop(a)
         weights = self_w
         if self.cross:
-            a, weights = self.cross_attn(self.norm_x(x), self.norm_ctx(context), context_mask, need_weights)
+            a, weights = self.cross_attn(self.norm_x(x), self.norm_ctx(context), context_mask, need_weights, context_idx)
             x = x + self.drop(a)
         x = x + self.drop(self.mlp(self.norm2(x)))
         return x, weights

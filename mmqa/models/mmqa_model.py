@@ -63,9 +63,7 @@ class MMQAModel(nn.Module):
         question: EncoderOutput,  # tokens (Q, T, D)
         return_attention: bool = False,
     ) -> tuple[torch.Tensor, FusionOutput]:
-        fused = self.fusion(
-            img.tokens[q_img_idx], img.mask[q_img_idx], question.tokens, question.mask, return_attention
-        )
+        fused = self.fusion(img.tokens, img.mask, question.tokens, question.mask, q_img_idx, return_attention)
         return self.vqa_head(fused.pooled), fused  # (Q, K)
 
     def embed_image(self, img: EncoderOutput) -> torch.Tensor:  # -> (B, E) unit norm

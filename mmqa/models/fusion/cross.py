@@ -25,15 +25,19 @@ class CrossFusion(nn.Module):
         self,
         img_tokens: torch.Tensor,  # (B, N, D)
         img_mask: torch.Tensor,  # (B, N) bool
-        txt_tokens: torch.Tensor,  # (B, T, D)
-        txt_mask: torch.Tensor,  # (B, T) bool
+        txt_tokens: torch.Tensor,  # (Q, T, D)
+        txt_mask: torch.Tensor,  # (Q, T) bool
+        img_idx: torch.Tensor,  # (Q,) image row of each question
         return_attention: bool = False,
     ) -> FusionOutput:
-        t, v = txt_tokens, img_tokens
+        t, v, v_idx = txt_tokens, img_tokens, img_idx
+        if self.image_blocks is not None:
+            # image tokens will be updated per question, so each question needs its own copy
+            v, img_mask, v_idx = img_tokens[img_idx], img_mask[img_idx], None
         weights = None
         for i, blk in enumerate(self.text_blocks):
             last = i == len(self.text_blocks) - 1
-            t_new, weights = blk(t, txt_mask, v, img_mask, need_weights=return_attention and last)
+            t_new, weights = blk(t, txt_mask, v, img_mask, need_weights=return_attention and last, context_idx=v_idx)
             if self.image_blocks is not None:
                 v, _ = self.image_blocks[i](v, img_mask, t, txt_mask)
             t = t_new

@@ -24,10 +24,12 @@ class EarlyFusion(nn.Module):
         self,
         img_tokens: torch.Tensor,  # (B, N, D)
         img_mask: torch.Tensor,  # (B, N) bool
-        txt_tokens: torch.Tensor,  # (B, T, D)
-        txt_mask: torch.Tensor,  # (B, T) bool
+        txt_tokens: torch.Tensor,  # (Q, T, D)
+        txt_mask: torch.Tensor,  # (Q, T) bool
+        img_idx: torch.Tensor,  # (Q,) image row of each question
         return_attention: bool = False,
     ) -> FusionOutput:
+        img_tokens, img_mask = img_tokens[img_idx], img_mask[img_idx]  # (Q, N, D): one joint sequence per question
         B, N, _ = img_tokens.shape
         fuse = self.fuse_token.expand(B, -1, -1)  # (B, 1, D)
         x = torch.cat([fuse, img_tokens + self.modality[0], txt_tokens + self.modality[1]], dim=1)  # (B, 1+N+T, D)

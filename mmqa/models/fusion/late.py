@@ -23,11 +23,12 @@ class LateFusion(nn.Module):
         self,
         img_tokens: torch.Tensor,  # (B, N, D)
         img_mask: torch.Tensor,  # (B, N) bool
-        txt_tokens: torch.Tensor,  # (B, T, D)
-        txt_mask: torch.Tensor,  # (B, T) bool
+        txt_tokens: torch.Tensor,  # (Q, T, D)
+        txt_mask: torch.Tensor,  # (Q, T) bool
+        img_idx: torch.Tensor,  # (Q,) image row of each question
         return_attention: bool = False,
     ) -> FusionOutput:
-        i = masked_mean(img_tokens, img_mask)  # (B, D)
-        t = masked_mean(txt_tokens, txt_mask)  # (B, D)
-        pooled = self.mlp(torch.cat([i, t, i * t, (i - t).abs()], dim=-1))  # (B, D)
+        i = masked_mean(img_tokens, img_mask)[img_idx]  # (Q, D), pooled once per image
+        t = masked_mean(txt_tokens, txt_mask)  # (Q, D)
+        pooled = self.mlp(torch.cat([i, t, i * t, (i - t).abs()], dim=-1))  # (Q, D)
         return FusionOutput(pooled=pooled, tokens=txt_tokens, attention=None)

@@ -1,0 +1,63 @@
+"""Evaluate any bundle on any dataset split:
+`python -m mmqa.evaluate bundle=outputs/.../bundle data=jsonl data.root=... split=test`.
+
+Prints the metrics and writes them to `<run>/metrics.json` under the same keys as training."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import hydra
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from mmqa.bundle import Bundle
+from mmqa.errors import ConfigError
+from mmqa.lit_module import LitMMQA
+from mmqa.train import write_json
+
+SPLITS = ("train", "val", "test")
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    if cfg.split not in SPLITS:
+        raise ConfigError(f"split={cfg.split!r} is not a split; valid: {', '.join(SPLITS)}")
+    bundle = Bundle.load(cfg.bundle)
+    # the bundle's preprocessing wins over the dataset config: the model was trained with it
+    for key in ("image_size", "mean", "std", "max_question_length", "max_caption_length"):
+        cfg.data[key] = bundle.cfg.data[key]
+    dm = instantiate(cfg.data)
+    records = dm.load_records()[cfg.split]
+    if not records:
+        raise ConfigError(f"split={cfg.split!r}: the dataset has no {cfg.split} split")
+    dm.attach(bundle.text_tokenizer, bundle.decoder_tokenizer, bundle.answers)
+    lit = LitMMQA(
+        bundle.model,
+        answers=bundle.answers,
+        families=dm.families(cfg.split),
+        decoder_tokenizer=bundle.decoder_tokenizer,
+        loss_weights=bundle.cfg.loss,
+        optim=bundle.cfg.optim,
+        generation=bundle.cfg.generation,
+        max_caption_eval_images=len(records),
+    )
+    trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+    # Lightning's test loop, fed the requested split, logs under "test/"; rename to the split asked for
+    loader = dm.loader(cfg.split, train=False)
+    (result,) = trainer.test(lit, dataloaders=loader, verbose=False)
+    metrics = {f"{cfg.split}/{k.split('/', 1)[1]}": float(v) for k, v in result.items()}
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "metrics.json", metrics)
+    print(json.dumps(metrics, indent=2, sort_keys=True))
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Shared fixtures: tiny configs composed through Hydra (the real config tree, shrunk), a tiny shapes
+dataset generated once per session, and a tiny model with one real batch."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # no test may touch the network
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+# The real default config with every size shrunk: a training run takes seconds.
+TINY_DATA = [
+    "data.reader.n_train=24",
+    "data.reader.n_val=8",
+    "data.reader.n_test=8",
+    "data.reader.questions_per_image=3",
+    "data.reader.progress=false",
+    "data.image_size=32",
+    "data.batch_size=8",
+    "data.eval_batch_size=8",
+]
+TINY = [
+    *TINY_DATA,
+    "model.dim=32",
+    "model.embed_dim=16",
+    "model.image_encoder.width=32",
+    "model.image_encoder.depth=1",
+    "model.image_encoder.heads=2",
+    "model.text_encoder.width=32",
+    "model.text_encoder.depth=1",
+    "model.text_encoder.heads=2",
+    "model.decoder.width=32",
+    "model.decoder.depth=1",
+    "model.decoder.heads=2",
+    "trainer.max_epochs=1",
+    "generation.max_new_tokens=6",
+]
+
+
+def compose_cfg(data_dir: Path, out_dir: Path, overrides=(), config_name: str = "train"):
+    """The composed config as train.py would see it, with paths pointed at temporary folders."""
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        return compose(config_name, overrides=[*TINY, *overrides, *path_overrides(data_dir, out_dir)])
+
+
+def path_overrides(data_dir: Path, out_dir: Path) -> list[str]:
+    return [f"paths.data_dir={data_dir}", f"paths.output_dir={out_dir}", f"paths.root_dir={ROOT}"]
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """One tiny shapes dataset shared by the whole session (generated on first use, then cached)."""
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture
+def tiny_cfg(data_dir, tmp_path):
+    def make(*overrides, config_name="train"):
+        return compose_cfg(data_dir, tmp_path / "run", overrides, config_name)
+
+    return make
+
+
+@pytest.fixture
+def tiny_parts(tiny_cfg):
+    """(cfg, datamodule, model, LitMMQA, one training batch) for the default tiny config."""
+    from mmqa.build import build_model, build_tokenizers
+    from mmqa.lit_module import LitMMQA
+
+    def make(*overrides):
+        cfg = tiny_cfg(*overrides)
+        dm = instantiate(cfg.data)
+        dm.load_records()
+        answers = dm.answer_vocab()
+        text_tok, dec_tok = build_tokenizers(cfg.model, cfg.tokenizer, dm.train_texts())
+        dm.attach(text_tok, dec_tok, answers)
+        model = build_model(cfg.model, len(answers), text_tok, dec_tok)
+        lit = LitMMQA(model, answers, dm.families(), dec_tok, cfg.loss, cfg.optim, cfg.generation, 8)
+        batch = next(iter(dm.loader("train", train=False)))
+        return cfg, dm, model, lit, batch
+
+    return make

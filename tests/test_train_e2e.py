@@ -1,0 +1,110 @@
+"""End to end through the real entry points on a tiny config: `train.py` for every fusion variant
+(files written, metric keys), the bundle round trip, `ckpt_path=last`, and `python -m mmqa.evaluate`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT, TINY, TINY_DATA, compose_cfg
+from mmqa.bundle import Bundle
+from mmqa.data.shapes import FAMILIES
+from mmqa.errors import ConfigError
+from mmqa.train import train
+
+VARIANTS = sorted(p.stem for p in (ROOT / "conf" / "model" / "fusion").glob("*.yaml"))
+STABLE_KEYS = ["test/vqa_acc", "test/bleu4", "test/cider", "test/r1_t2i", "test/r1_i2t", "val/vqa_acc",
+               "train/images_per_second", "model/parameters"]
+
+
+def run(args: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_dir):
+    """One in-process training run shared by the bundle and evaluate tests."""
+    out = tmp_path_factory.mktemp("runs") / "first"
+    cfg = compose_cfg(data_dir, out)
+    return cfg, train(cfg), out
+
+
+@pytest.mark.parametrize("fusion", VARIANTS)
+def test_train_py_writes_checkpoints_metrics_and_bundle(fusion, data_dir, tmp_path):
+    out = tmp_path / "run"
+    run(["train.py", *TINY, f"model/fusion={fusion}", f"paths.data_dir={data_dir}", f"hydra.run.dir={out}"])
+    assert (out / "checkpoints" / "last.ckpt").is_file()
+    assert len(list((out / "checkpoints").glob("best-*.ckpt"))) == 1
+    assert (out / "csv" / "version_0" / "metrics.csv").is_file()
+    assert (out / ".hydra" / "config.yaml").is_file()
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in STABLE_KEYS + [f"test/vqa_acc/{f}" for f in FAMILIES]:
+        assert key in metrics, key
+        assert 0 <= metrics[key] <= (1 if "acc" in key or "/r" in key or "bleu" in key else float("inf"))
+    bundle = out / "bundle"
+    assert {p.name for p in bundle.iterdir()} == {
+        "config.yaml", "tokenizer", "decoder_tokenizer", "answers.json", "model.safetensors"}
+    assert not list(out.glob(".bundle*"))  # no temporary folder left behind by the atomic save
+
+
+def test_bundle_round_trip_gives_the_same_outputs(trained, tmp_path):
+    cfg, metrics, out = trained
+    bundle = Bundle.load(out / "bundle")
+    image = sorted((Path(cfg.paths.data_dir) / "shapes").glob("shapes-*/images/test_*.png"))[0]
+    a1 = bundle.answer(image, "what colour is the circle?", return_attention=True)
+    assert a1.answer in bundle.answers and len(a1.top) == 5
+    assert abs(sum(p for _, p in a1.top) - sum(sorted((p for _, p in a1.top), reverse=True))) < 1e-9
+    assert a1.attention.shape == (bundle.model.grid, bundle.model.grid)
+    caption = bundle.caption(image)
+    emb_i, emb_t = bundle.embed_image([image]), bundle.embed_text(["a red circle", "a blue square"])
+    assert emb_i.shape == (1, cfg.model.embed_dim) and emb_t.shape == (2, cfg.model.embed_dim)
+    assert torch.allclose(emb_i.norm(dim=-1), torch.ones(1))
+
+    again = Bundle.load(bundle.save(tmp_path / "copy"))
+    a2 = again.answer(Image.open(image), "what colour is the circle?", return_attention=True)
+    assert a2.top == a1.top  # a PIL image and its path give the same answer, before and after the copy
+    assert torch.allclose(a2.attention, a1.attention)
+    assert again.caption(image) == caption
+    assert torch.allclose(again.embed_image([image]), emb_i)
+
+
+def test_broken_bundle_says_what_is_missing(trained, tmp_path):
+    from mmqa.errors import MMQAError
+
+    with pytest.raises(MMQAError, match=r"is not an mmqa bundle: missing config.yaml, tokenizer"):
+        Bundle.load(tmp_path)
+
+
+def test_resume_from_last_checkpoint_of_the_same_config(data_dir, tmp_path):
+    runs = tmp_path / "runs"
+    first = train(compose_cfg(data_dir, runs / "a"))
+    assert first["train/epochs"] == 1
+    # a different config has no run to resume
+    with pytest.raises(ConfigError, match="ckpt_path=last: no earlier run of this config"):
+        train(compose_cfg(data_dir, runs / "b", ["ckpt_path=last", "seed=1"]))
+    resumed = train(compose_cfg(data_dir, runs / "c", ["ckpt_path=last", "trainer.max_epochs=2"]))
+    assert resumed["train/epochs"] == 2  # continued from epoch 1, not from scratch
+
+
+def test_missing_checkpoint_file_is_a_clear_error(data_dir, tmp_path):
+    with pytest.raises(ConfigError, match=r"ckpt_path: no checkpoint file at .*nope.ckpt"):
+        train(compose_cfg(data_dir, tmp_path / "r", [f"ckpt_path={tmp_path}/nope.ckpt"]))
+
+
+def test_evaluate_cli_reproduces_the_training_test_metrics(trained, data_dir, tmp_path):
+    cfg, metrics, out = trained
+    run(["-m", "mmqa.evaluate", f"bundle={out / 'bundle'}", *TINY_DATA, f"paths.data_dir={data_dir}",
+         f"hydra.run.dir={tmp_path / 'eval'}"])
+    evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    for key in ("test/vqa_acc", "test/bleu4", "test/r1_t2i", "test/r1_i2t"):
+        assert evaluated[key] == pytest.approx(metrics[key], abs=1e-6), key
