@@ -98,3 +98,24 @@ def test_real_minilm_text_encoder_works_offline(data_dir, tmp_path):
         other = model.text_encoder(more["input_ids"], more["attention_mask"]).pooled
     cos = torch.nn.functional.cosine_similarity
     assert cos(emb[0:1], other[0:1]) > cos(emb[0:1], other[1:2]) + 0.2
+
+
+def test_open_clip_visual_tower_loads_a_local_weights_file(tmp_path):
+    import json
+
+    import open_clip
+
+    from mmqa.models.image_encoders import OpenClipImageEncoder
+
+    config = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8,
+                                              "head_width": 16},
+              "text_cfg": {"context_length": 16, "vocab_size": 100, "width": 32, "heads": 2, "layers": 1}}
+    (tmp_path / "mmqa-tiny-clip.json").write_text(json.dumps(config))
+    open_clip.add_model_config(tmp_path)
+    ref = open_clip.create_model("mmqa-tiny-clip")
+    save_file(ref.state_dict(), tmp_path / "tiny.safetensors")
+    enc = OpenClipImageEncoder("mmqa-tiny-clip", pretrained=str(tmp_path / "tiny.safetensors"))
+    assert torch.equal(enc.visual.conv1.weight, ref.visual.conv1.weight)
+    out = enc(torch.randn(2, 3, 32, 32))
+    assert out.tokens.shape == (2, 16, 32) and enc.grid == 4 and enc.out_dim == 32
+    assert torch.allclose(out.pooled, out.tokens.mean(1))
