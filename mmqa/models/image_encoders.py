@@ -4,11 +4,8 @@
 
 from __future__ import annotations
 
-from functools import partial
-
 import timm
 import torch
-from timm.layers import HybridEmbed
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -16,21 +13,9 @@ from mmqa.models.outputs import EncoderOutput
 from mmqa.models.pretrained import load_pretrained
 
 
-def conv_stem(channels: list[int], in_chans: int = 3) -> nn.Sequential:
-    """Stride-2 3x3 conv + BN + ReLU per entry: with k entries, one output cell per 2**k x 2**k pixels.
-    A convolutional stem in place of the linear patch projection makes a ViT trained from scratch
-    converge much faster on small data (Xiao et al., "Early Convolutions Help Transformers See Better")."""
-    layers, c_in = [], in_chans
-    for c in channels:
-        layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
-        c_in = c
-    return nn.Sequential(*layers)
-
-
 class TimmImageEncoder(nn.Module):
     """A timm ViT. With `name` any timm ViT is created (pretrained weights optional: `true` for timm's
-    default source, or a local weights file); without it a small ViT is built from the numbers given,
-    optionally with a convolutional stem (`stem_channels`) whose strides make up `patch_size`."""
+    default source, or a local weights file); without it a small ViT is built from the numbers given."""
 
     def __init__(
         self,
@@ -41,7 +26,6 @@ class TimmImageEncoder(nn.Module):
         heads: int,
         mlp_ratio: float,
         drop_path: float,
-        stem_channels: list[int] | None = None,
         name: str | None = None,
         pretrained: bool | str = False,
     ):
@@ -56,24 +40,15 @@ class TimmImageEncoder(nn.Module):
                 lambda _: timm.create_model(name, pretrained=bool(pretrained), **kwargs),
             )
         else:
-            embed = dict(patch_size=patch_size)
-            if stem_channels:
-                if 2 ** len(stem_channels) != patch_size:
-                    raise ValueError(
-                        f"stem_channels has {len(stem_channels)} stride-2 convs (patches of {2 ** len(stem_channels)} px) "
-                        f"but patch_size is {patch_size}"
-                    )
-                # the stem does all the downsampling; the ViT then takes every stem cell as a patch
-                embed = dict(embed_layer=partial(HybridEmbed, backbone=conv_stem(list(stem_channels))), patch_size=1)
             self.vit = VisionTransformer(
                 img_size=image_size,
+                patch_size=patch_size,
                 embed_dim=width,
                 depth=depth,
                 num_heads=heads,
                 mlp_ratio=mlp_ratio,
                 drop_path_rate=drop_path,
                 num_classes=0,
-                **embed,
             )
         self.out_dim = self.vit.num_features
         self.grid = self.vit.patch_embed.grid_size[0]
