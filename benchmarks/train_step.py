@@ -15,10 +15,8 @@ from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
 
-from mmqa.build import build_model, build_tokenizers
-from mmqa.lit_module import LitMMQA
+from mmqa.train import build_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,13 +26,9 @@ def bench(fusion: str, steps: int, overrides: list[str]) -> dict:
         cfg = compose("train", overrides=[f"model/fusion={fusion}", *overrides, f"paths.root_dir={ROOT}",
                                           f"paths.data_dir={ROOT}/data", "paths.output_dir=/tmp/mmqa-bench"])
     torch.manual_seed(0)
-    dm = instantiate(cfg.data)
-    dm.load_records()
-    answers = dm.answer_vocab()
-    text_tok, dec_tok = build_tokenizers(cfg.model, cfg.tokenizer, dm.train_texts())
-    dm.attach(text_tok, dec_tok, answers)
-    model = build_model(cfg.model, len(answers), text_tok, dec_tok)
-    lit = LitMMQA(model, answers, dm.families(), dec_tok, cfg.loss, cfg.optim, cfg.generation, 0).train()
+    dm, lit = build_experiment(cfg)
+    lit.train()  # training mode for every loss term
+    model = lit.model
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr)
     batches = iter(dm.loader("train", train=True))
     times, images, questions = [], 0, 0

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mmqa.build import build_model, build_tokenizers
 from mmqa.bundle import Bundle, read_assets, write_assets
+from mmqa.data.datamodule import MMQADataModule
 from mmqa.errors import ConfigError
 from mmqa.lit_module import LitMMQA
 
@@ -70,23 +71,17 @@ def write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
-    L.seed_everything(cfg.seed, workers=True)
-    out = Path(cfg.paths.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    resume = _resolve_ckpt(cfg, out)
-    (out / RUN_KEY).write_text(run_key(cfg))
-
+def build_experiment(cfg: DictConfig, assets: tuple | None = None) -> tuple[MMQADataModule, LitMMQA]:
+    """The data module (records read, tokenizers and answer vocabulary attached) and the
+    LightningModule for `cfg`. `assets` = (text tokenizer, decoder tokenizer, answers) to reuse;
+    without it they are built from the training split."""
     dm = instantiate(cfg.data)
     dm.load_records()
-    if resume is not None:  # same tokenizers and answers as the interrupted run
-        _, text_tok, dec_tok, answers = read_assets(resume.parent.parent / "bundle")
-    else:
-        answers = dm.answer_vocab()
+    if assets is None:
         text_tok, dec_tok = build_tokenizers(cfg.model, cfg.tokenizer, dm.train_texts())
-    write_assets(out / "bundle", cfg, text_tok, dec_tok, answers)
+        assets = (text_tok, dec_tok, dm.answer_vocab())
+    text_tok, dec_tok, answers = assets
     dm.attach(text_tok, dec_tok, answers)
-
     model = build_model(cfg.model, len(answers), text_tok, dec_tok)
     lit = LitMMQA(
         model,
@@ -98,6 +93,20 @@ def train(cfg: DictConfig) -> dict[str, float]:
         generation=cfg.generation,
         max_caption_eval_images=cfg.eval.max_caption_eval_images,
     )
+    return dm, lit
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    L.seed_everything(cfg.seed, workers=True)
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    resume = _resolve_ckpt(cfg, out)
+    (out / RUN_KEY).write_text(run_key(cfg))
+
+    # a resumed run reuses the tokenizers and answers of the interrupted one
+    assets = read_assets(resume.parent.parent / "bundle")[1:] if resume is not None else None
+    dm, lit = build_experiment(cfg, assets)
+    write_assets(out / "bundle", cfg, *dm.tokenizers, dm.answers)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
@@ -119,11 +128,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
             "train/fit_seconds": fit_s,
             "train/images_per_second": n_train * max(trainer.current_epoch, 1) / fit_s,
             "train/epochs": trainer.current_epoch,
-            "model/parameters": sum(p.numel() for p in model.parameters()),
+            "model/parameters": sum(p.numel() for p in lit.model.parameters()),
         }
     )
     metrics = {k: float(v) for k, v in metrics.items()}
     if trainer.is_global_zero:
-        Bundle(cfg, lit.model, text_tok, dec_tok, answers).save(out / "bundle")
+        Bundle(cfg, lit.model, *dm.tokenizers, dm.answers).save(out / "bundle")
         write_json(out / "metrics.json", metrics)
     return metrics

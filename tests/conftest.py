@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -73,18 +72,12 @@ def tiny_cfg(data_dir, tmp_path):
 @pytest.fixture
 def tiny_parts(tiny_cfg):
     """(cfg, datamodule, model, LitMMQA, one training batch) for the default tiny config."""
-    from mmqa.build import build_model, build_tokenizers
-    from mmqa.lit_module import LitMMQA
+    from mmqa.train import build_experiment
 
     def make(*overrides):
         cfg = tiny_cfg(*overrides)
-        dm = instantiate(cfg.data)
-        dm.load_records()
-        answers = dm.answer_vocab()
-        text_tok, dec_tok = build_tokenizers(cfg.model, cfg.tokenizer, dm.train_texts())
-        dm.attach(text_tok, dec_tok, answers)
-        model = build_model(cfg.model, len(answers), text_tok, dec_tok)
-        lit = LitMMQA(model, answers, dm.families(), dec_tok, cfg.loss, cfg.optim, cfg.generation, 8)
+        dm, lit = build_experiment(cfg)
+        model = lit.model
         batch = next(iter(dm.loader("train", train=False)))
         return cfg, dm, model, lit, batch
 

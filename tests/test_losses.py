@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mmqa.data.batch import Collator
-from mmqa.data.records import QA, ImageRecord
+from mmqa.data.records import ImageRecord
 
 
 def test_batch_holds_each_image_once_with_all_its_labels(tiny_parts):

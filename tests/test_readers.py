@@ -97,7 +97,7 @@ def test_invalid_utf8_names_the_line(root):
     path = root / "train.jsonl"
     latin1 = '{"image": "images/b.png", "captions": ["café"]}'.encode("latin-1")
     path.write_bytes(b'{"image": "images/a.png", "captions": ["ok"]}\n' + latin1 + b"\n")
-    with pytest.raises(DataError, match=rf"train\.jsonl:2: line is not valid UTF-8 \(invalid continuation byte"):
+    with pytest.raises(DataError, match=r"train\.jsonl:2: line is not valid UTF-8 \(invalid continuation byte"):
         JsonlReader(root).read("train")
 
 
