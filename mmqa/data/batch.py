@@ -88,10 +88,8 @@ class Collator:
 
     def _encode_decoder(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         tok = self.dec_tok
-        seqs = [
-            [tok.bos_token_id] + tok(t, add_special_tokens=False)["input_ids"][: self.max_c - 2] + [tok.eos_token_id]
-            for t in texts
-        ]
+        pieces = tok(texts, add_special_tokens=False)["input_ids"] if texts else []
+        seqs = [[tok.bos_token_id] + p[: self.max_c - 2] + [tok.eos_token_id] for p in pieces]
         L = max((len(s) for s in seqs), default=1)
         ids = torch.full((len(seqs), L), tok.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(seqs), L), dtype=torch.long)
