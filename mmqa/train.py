@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_only
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -101,12 +102,19 @@ def train(cfg: DictConfig) -> dict[str, float]:
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     resume = _resolve_ckpt(cfg, out)
-    (out / RUN_KEY).write_text(run_key(cfg))
 
-    # a resumed run reuses the tokenizers and answers of the interrupted one
-    assets = read_assets(resume.parent.parent / "bundle")[1:] if resume is not None else None
+    if rank_zero_only.rank > 0:
+        # DDP starts the other ranks once rank 0 reaches `fit`, after it wrote the run's assets:
+        # every rank must share its vocabulary, so they read it rather than build their own
+        assets = read_assets(out / "bundle")[1:]
+    elif resume is not None:  # a resumed run reuses the tokenizers and answers of the interrupted one
+        assets = read_assets(resume.parent.parent / "bundle")[1:]
+    else:
+        assets = None
     dm, lit = build_experiment(cfg, assets)
-    write_assets(out / "bundle", cfg, *dm.tokenizers, dm.answers)
+    if rank_zero_only.rank == 0:
+        (out / RUN_KEY).write_text(run_key(cfg))
+        write_assets(out / "bundle", cfg, *dm.tokenizers, dm.answers)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
