@@ -1,7 +1,10 @@
-"""Serve a trained model in the browser: `python demo.py [--bundle PATH] [--host H] [--port P] [--share]`.
+"""Serve a trained model in the browser:
+`python demo.py [--bundle PATH] [--gallery DIR] [--index DIR] [--host H] [--port P] [--share]`.
 
 Without `--bundle`, the newest `outputs/train/runs/*/bundle` (as `python train.py` writes them, relative
-to the current directory) is served. The page itself is `mmqa.app.build_demo`.
+to the current directory) is served. The Search tab searches the images under `--gallery` (default: the
+test images of the built-in dataset the bundle was trained on), indexed once at start-up or loaded from
+`--index` (default `DIR/.mmqa-index`). The page itself is `mmqa.app.build_demo`.
 """
 
 from __future__ import annotations
@@ -28,6 +31,10 @@ def newest_bundle(runs: Path = RUNS) -> Path | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", type=Path, help=f"a bundle folder (default: the newest {RUNS}/*/bundle)")
+    parser.add_argument("--gallery", type=Path,
+                        help="a folder of images to search (default: the built-in dataset's test images)")
+    parser.add_argument("--index", type=Path, help="where the gallery's index is kept (default: GALLERY/.mmqa-index); "
+                        "alone, an index built by `python -m mmqa.index build`")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
@@ -42,8 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     except MMQAError as e:
         print(f"{e}. {TRAIN_HINT}", file=sys.stderr)
         return 2
-    build_demo(bundle).queue(max_size=QUEUE_SIZE).launch(server_name=args.host, server_port=args.port,
-                                                         share=args.share)
+    try:
+        demo = build_demo(bundle, gallery=args.gallery, index_dir=args.index)
+    except MMQAError as e:  # a gallery or index that cannot be searched
+        print(str(e), file=sys.stderr)
+        return 2
+    demo.queue(max_size=QUEUE_SIZE).launch(server_name=args.host, server_port=args.port, share=args.share)
     return 0
 
 

@@ -1,9 +1,11 @@
-"""The Gradio UI around one `Bundle`: an Ask tab (answer, top-5 answers, attention heatmap) and a
-Describe tab (a caption, with a choice of decoding). Thin on purpose: each handler checks its input,
-calls one Bundle method and turns the result into something to display; no model logic lives here.
+"""The Gradio UI around one `Bundle`: an Ask tab (answer, top-5 answers, attention heatmap), a
+Describe tab (a caption, with a choice of decoding) and a Search tab (text -> images and image ->
+images over a gallery, through `mmqa.retrieval.ImageIndex`). Thin on purpose: each handler checks its
+input, calls Bundle / ImageIndex methods and turns the result into something to display; no model
+logic lives here.
 
-Both handlers are API endpoints too (`/answer`, `/caption`), so `gradio_client` gets the same answers
-as the page and as `Bundle` itself.
+Every handler is an API endpoint too (`/answer`, `/caption`, `/search_text`, `/search_image`), so
+`gradio_client` gets the same answers as the page and as `Bundle` itself.
 """
 
 from __future__ import annotations
@@ -21,23 +23,34 @@ from PIL import Image
 
 from mmqa.bundle import Bundle
 from mmqa.errors import MMQAError
+from mmqa.retrieval import INDEX_DIR, ImageIndex, bundle_model_id, find_images, load_or_build
 
-MAX_QUESTION_CHARS = 200  # longer questions are refused: the text encoder truncates them anyway
+MAX_QUESTION_CHARS = 200  # longer questions and search texts are refused: the text encoder truncates them anyway
 TOP_K = 5  # answers shown with their probabilities
 N_EXAMPLES = 4  # test images of the built-in dataset offered as examples
 HEATMAP_ALPHA = 0.5  # weight of the heatmap when blended over the image
 COLORMAP = "inferno"
 DECODINGS = ("greedy", "beam search", "sampling")
+SEARCH_K = 8  # results shown by default
+MAX_SEARCH_K = 32  # the most results one search may ask for
+N_SKIPPED_SHOWN = 5  # unreadable gallery files named in the Search tab (the rest are counted)
 
 
-def build_demo(bundle: Bundle) -> gr.Blocks:
-    """The whole page; launch it with `build_demo(bundle).queue().launch()`."""
+def build_demo(bundle: Bundle, gallery: Path | None = None, index_dir: Path | None = None) -> gr.Blocks:
+    """The whole page; launch it with `build_demo(bundle).queue().launch()`. The Search tab searches
+    the images under `gallery`, or those of the index saved in `index_dir`, or by default the test
+    images of the built-in dataset the bundle was trained on (see `open_gallery`); its index is
+    loaded or built here, once."""
     fusion = bundle.cfg.model.fusion._target_.rsplit(".", 1)[-1]
     examples = shapes_examples(bundle.cfg)
+    index = open_gallery(bundle, gallery, index_dir)
+    if index is not None:
+        # served from where they are rather than copied into gradio's cache on every search
+        gr.set_static_paths(sorted({str(Path(p).parent) for p in index.paths}))
 
     def answer(image: Image.Image | None, question: str | None):
         check_image(image)
-        question = check_question(question)
+        question = check_text(question, "question", "type a question about the image")
         try:
             result = bundle.answer(image, question, top_k=TOP_K, return_attention=True)
         except MMQAError as e:
@@ -55,8 +68,16 @@ def build_demo(bundle: Bundle) -> gr.Blocks:
         except MMQAError as e:
             raise gr.Error(str(e), print_exception=False) from None
 
+    def search_text(query: str | None, k: float) -> list[tuple[str, str]]:
+        query = check_text(query, "search text", "describe the images to find")
+        return ranked(check_gallery(index).search_text(bundle.embed_text([query])[0], int(k)))
+
+    def search_image(image: Image.Image | None, k: float) -> list[tuple[str, str]]:
+        check_image(image)
+        return ranked(check_gallery(index).search_image(bundle.embed_image([image])[0], int(k)))
+
     with gr.Blocks(title="mmqa", analytics_enabled=False) as demo:  # offline by default: no telemetry
-        gr.Markdown(f"# mmqa\nAsk about an image, or have it described. Model: {fusion}, "
+        gr.Markdown(f"# mmqa\nAsk about an image, have it described, or search a gallery. Model: {fusion}, "
                     f"{len(bundle.answers)} possible answers.")
         with gr.Tabs():
             with gr.Tab("Ask"):
@@ -100,6 +121,25 @@ def build_demo(bundle: Bundle) -> gr.Blocks:
                 )
                 describe.click(caption, [describe_image, decoding, num_beams, temperature, top_k, top_p, max_new],
                                caption_box, api_name="caption")
+
+            with gr.Tab("Search"):
+                gr.Markdown(gallery_note(index))
+                most = min(MAX_SEARCH_K, len(index)) if index is not None else MAX_SEARCH_K
+                with gr.Row():
+                    with gr.Column():
+                        query = gr.Textbox(label="Find images of", placeholder="a red circle",
+                                           max_length=MAX_QUESTION_CHARS)
+                        find_text = gr.Button("Search by text", variant="primary")
+                        query_image = gr.Image(type="pil", label="…or images like this one")
+                        find_image = gr.Button("Search by image")
+                        k = gr.Slider(1, most, value=min(SEARCH_K, most), step=1, label="Results")
+                    results = gr.Gallery(label="Nearest images (cosine similarity)", columns=4,
+                                         object_fit="contain")
+                find_text.click(search_text, [query, k], results, api_name="search_text")
+                query.submit(search_text, [query, k], results, api_visibility="private")
+                find_image.click(search_image, [query_image, k], results, api_name="search_image")
+                if examples:
+                    gr.Examples([e[:1] for e in examples], [query_image], cache_examples=False)
     return demo
 
 
@@ -108,14 +148,55 @@ def check_image(image: Image.Image | None) -> None:
         raise gr.Error("No image: upload one (or pick an example) first.", print_exception=False)
 
 
-def check_question(question: str | None) -> str:
-    question = (question or "").strip()
-    if not question:
-        raise gr.Error("The question is empty: type a question about the image.", print_exception=False)
-    if len(question) > MAX_QUESTION_CHARS:
-        raise gr.Error(f"The question is {len(question)} characters long; the limit is {MAX_QUESTION_CHARS}.",
+def check_text(text: str | None, what: str, hint: str) -> str:
+    """`text` stripped; a clear error when it is empty ("The {what} is empty: {hint}.") or too long."""
+    text = (text or "").strip()
+    if not text:
+        raise gr.Error(f"The {what} is empty: {hint}.", print_exception=False)
+    if len(text) > MAX_QUESTION_CHARS:
+        raise gr.Error(f"The {what} is {len(text)} characters long; the limit is {MAX_QUESTION_CHARS}.",
                        print_exception=False)
-    return question
+    return text
+
+
+def check_gallery(index: ImageIndex | None) -> ImageIndex:
+    if index is None:
+        raise gr.Error("There is no gallery to search: start the demo with `--gallery DIR`.", print_exception=False)
+    return index
+
+
+def ranked(hits: list[tuple[str, float]]) -> list[tuple[str, str]]:
+    """Search hits -> gallery items: (image path, caption with the score and the file name)."""
+    return [(path, f"{score:.3f} · {Path(path).name}") for path, score in hits]
+
+
+def gallery_note(index: ImageIndex | None) -> str:
+    if index is None:
+        return "No gallery to search: start the demo with `--gallery DIR` (a folder of images)."
+    note = f"{len(index)} images, searched by text or by image."
+    if index.skipped:
+        named = "; ".join(why for _, why in index.skipped[:N_SKIPPED_SHOWN])
+        more = f" and {len(index.skipped) - N_SKIPPED_SHOWN} more" if len(index.skipped) > N_SKIPPED_SHOWN else ""
+        note += f" {len(index.skipped)} unreadable files were left out: {named}{more}."
+    return note
+
+
+def open_gallery(bundle: Bundle, gallery: Path | None, index_dir: Path | None) -> ImageIndex | None:
+    """The Search tab's index: of every image under `gallery` (kept in `index_dir`, by default
+    `gallery/.mmqa-index`); else of the images the index saved in `index_dir` lists (as
+    `python -m mmqa.index build` writes it); else of the test images of the built-in dataset the
+    bundle was trained on, when it is on disk (kept beside them); else None. A saved index is reused
+    only when this bundle built it from the same unchanged files, and rebuilt otherwise."""
+    if gallery is not None:
+        paths, index_dir = find_images(gallery), index_dir or gallery / INDEX_DIR
+    elif index_dir is not None:
+        paths = None  # the files the saved index lists
+    else:
+        dataset = shapes_dataset(bundle.cfg)
+        if dataset is None:
+            return None
+        paths, index_dir = _test_images(dataset), dataset / INDEX_DIR
+    return load_or_build(bundle_model_id(bundle), bundle.embed_image, paths, index_dir)
 
 
 def decoding_kwargs(decoding: str, num_beams: int, temperature: float, top_k: int, top_p: float,
@@ -142,19 +223,35 @@ def overlay_attention(image: Image.Image, attention: torch.Tensor) -> Image.Imag
 
 def shapes_examples(cfg: DictConfig, n: int = N_EXAMPLES) -> list[list[str]]:
     """[image, question] pairs from the test split of the built-in shapes dataset this bundle was
-    trained on, when it is on disk (the generator's parameters in `meta.json` equal the config's);
-    [] for any other data, or when the dataset is not there."""
+    trained on, when it is on disk; [] for any other data, or when the dataset is not there."""
+    dataset = shapes_dataset(cfg)
+    return _first_questions(dataset, n) if dataset is not None else []
+
+
+def shapes_dataset(cfg: DictConfig) -> Path | None:
+    """The folder of the built-in shapes dataset this bundle was trained on (the generator's
+    parameters in `meta.json` equal the config's, and its test split is there); None for any other
+    data, or when the dataset is not on disk."""
     reader = cfg.data.get("reader") or {}
     if reader.get("root") is None:
-        return []
+        return None
     for meta_file in sorted(Path(reader.root).glob("shapes-*/meta.json")):
         try:
             params = json.loads(meta_file.read_text())["params"]
-            if all(reader.get(k) == v for k, v in params.items()):
-                return _first_questions(meta_file.parent, n)
         except (OSError, ValueError, KeyError, TypeError):
-            continue  # not a complete dataset: offer no examples from it
-    return []
+            continue  # not a complete dataset
+        if all(reader.get(k) == v for k, v in params.items()) and (meta_file.parent / "test.jsonl").is_file():
+            return meta_file.parent
+    return None
+
+
+def _test_images(dataset: Path) -> list[Path]:
+    """Every test image, in the order of `test.jsonl`."""
+    images: dict[str, None] = {}  # an ordered set: each image has many rows
+    with open(dataset / "test.jsonl", encoding="utf-8") as f:
+        for line in f:
+            images[json.loads(line)["image"]] = None
+    return [dataset / image for image in images]
 
 
 def _first_questions(dataset: Path, n: int) -> list[list[str]]:

@@ -1,0 +1,199 @@
+"""The image index (`mmqa.retrieval`) and its command (`python -m mmqa.index build`): building skips and
+reports unreadable files, a saved index loads back identical, a stale one (another model, changed or
+other files, a damaged save) is rebuilt rather than searched, and search ranks by cosine — by the
+matrix product and, for large galleries, by faiss alike."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from conftest import compose_cfg
+from mmqa.bundle import Bundle
+from mmqa.errors import MMQAError
+from mmqa.index import main as index_main
+from mmqa.retrieval import (
+    EMBEDDINGS, INDEX_DIR, INDEX_JSON, ImageIndex, bundle_model_id, find_images, load_or_build,
+)
+
+
+class PixelEmbedder:
+    """A stand-in image tower: an 8x8 grey thumbnail, centred and normalised, as a 64-d unit vector
+    (different images give different directions); counts the images it embedded."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, images: list) -> torch.Tensor:  # -> (B, 64)
+        self.calls += len(images)
+        x = torch.stack([torch.from_numpy(np.asarray(im.convert("L").resize((8, 8)), dtype=np.float32).ravel())
+                         for im in images])  # (B, 64)
+        return F.normalize(x - x.mean(dim=1, keepdim=True), dim=1)
+
+
+def write_images(folder, n: int, seed: int = 0) -> list:
+    """n random 16x16 RGB PNGs named img_00.png, ..."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        path = folder / f"img_{i:02d}.png"
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture
+def gallery(tmp_path):
+    return write_images(tmp_path / "gallery", 7)
+
+
+def test_find_images_is_recursive_sorted_and_leaves_out_other_and_hidden_files(tmp_path):
+    for name in ("b.PNG", "a.jpg", "sub/c.jpeg", "sub/d.webp", "sub/deeper/e.bmp", "notes.txt", ".hidden.png",
+                 ".mmqa-index/x.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    assert [p.relative_to(tmp_path).as_posix() for p in find_images(tmp_path)] == [
+        "a.jpg", "b.PNG", "sub/c.jpeg", "sub/d.webp", "sub/deeper/e.bmp"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MMQAError, match="no images"):
+        find_images(tmp_path / "empty")
+    with pytest.raises(MMQAError, match="not a folder"):
+        find_images(tmp_path / "missing")
+
+
+def test_save_and_load_give_back_the_same_index(gallery, tmp_path):
+    index = ImageIndex.build(PixelEmbedder(), gallery, batch_size=3, progress=False, model_id="m1")
+    assert len(index) == 7 and index.dim == 64
+    assert index.paths == [str(p.resolve()) for p in gallery]
+    index.save(tmp_path / "idx")
+    assert sorted(f.name for f in (tmp_path / "idx").iterdir()) == [EMBEDDINGS, INDEX_JSON]  # no temp files left
+    back = ImageIndex.load(tmp_path / "idx")
+    assert torch.equal(back.embeddings, index.embeddings)
+    assert back.paths == index.paths and back.model_id == "m1"
+    assert back.sources == index.sources and back.skipped == index.skipped == []
+
+
+def test_an_unreadable_file_is_skipped_and_reported(gallery, tmp_path):
+    bad = gallery[0].parent / "broken.png"
+    bad.write_bytes(b"not a png at all")
+    missing = gallery[0].parent / "gone.png"
+    index = ImageIndex.build(PixelEmbedder(), [bad, *gallery, missing], batch_size=4, progress=False, model_id="m")
+    assert len(index) == 7 and str(bad.resolve()) not in index.paths
+    assert [p for p, _ in index.skipped] == [str(bad.resolve()), str(missing.resolve())]
+    assert all("not a readable image" in why for _, why in index.skipped)
+    assert ImageIndex.load(index.save(tmp_path / "idx")).skipped == index.skipped
+    with pytest.raises(MMQAError, match="no image to index: 1 of 1 files could not be read.*broken.png"):
+        ImageIndex.build(PixelEmbedder(), [bad], progress=False, model_id="m")
+
+
+def test_load_or_build_reuses_only_an_index_of_the_same_model_and_files(gallery, tmp_path):
+    embed, where = PixelEmbedder(), tmp_path / "idx"
+    first = load_or_build("m1", embed, gallery, where, progress=False)
+    assert embed.calls == 7
+    again = load_or_build("m1", embed, gallery, where, progress=False)
+    assert embed.calls == 7 and torch.equal(again.embeddings, first.embeddings)  # reused, not re-embedded
+
+    other_model = load_or_build("m2", embed, gallery, where, progress=False)
+    assert embed.calls == 14 and other_model.model_id == "m2"
+    assert ImageIndex.load(where).model_id == "m2"  # the stale index was replaced on disk
+
+    load_or_build("m2", embed, gallery[:-1], where, progress=False)  # another file list
+    assert embed.calls == 20
+    write_images(tmp_path / "new", 1, seed=1)[0].replace(gallery[0])  # same name, new content
+    rebuilt = load_or_build("m2", embed, gallery, where, progress=False)
+    assert embed.calls == 27
+    query = PixelEmbedder()([Image.open(gallery[0])])[0]  # (64,)
+    assert rebuilt.search_image(query, 1)[0][0] == str(gallery[0].resolve())  # the new content is indexed
+
+    # the files the saved index lists, when no list is given (an index written by `mmqa.index build`)
+    assert load_or_build("m2", embed, None, where, progress=False).paths == rebuilt.paths and embed.calls == 27
+    with pytest.raises(MMQAError, match="not an image index: missing index.json"):
+        load_or_build("m2", embed, None, tmp_path / "nowhere", progress=False)
+
+
+def test_a_damaged_or_half_written_index_is_rebuilt(gallery, tmp_path):
+    embed, where = PixelEmbedder(), tmp_path / "idx"
+    load_or_build("m", embed, gallery, where, progress=False)
+    meta = json.loads((where / INDEX_JSON).read_text())
+    (where / INDEX_JSON).write_text(json.dumps({**meta, "build": "another"}))  # embeddings of another save
+    with pytest.raises(MMQAError, match="come from different builds"):
+        ImageIndex.load(where)
+    with pytest.warns(UserWarning, match="different builds"):
+        load_or_build("m", embed, gallery, where, progress=False)
+    assert embed.calls == 14 and ImageIndex.load(where).model_id == "m"
+    (where / INDEX_JSON).write_text("{")
+    with pytest.raises(MMQAError, match=f"{INDEX_JSON}: not a valid index file"):
+        ImageIndex.load(where)
+
+
+def test_search_ranks_by_cosine_on_hand_made_vectors():
+    emb = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.6, 0.8, 0.0], [0.0, 0.0, 2.0]])  # (4, 3); last not unit
+    index = ImageIndex(["x", "y", "xy", "z"], emb)
+    hits = index.search_text(torch.tensor([0.8, 0.6, 0.0]), 3)
+    assert [p for p, _ in hits] == ["xy", "x", "y"]
+    assert [s for _, s in hits] == pytest.approx([0.96, 0.8, 0.6], abs=1e-6)
+    hits = index.search_image(torch.tensor([[0.0, 3.0, 0.0]]), 2)  # (1, E) and unnormalised queries work too
+    assert hits == [("y", pytest.approx(1.0)), ("xy", pytest.approx(0.8))]
+    assert index.search_text(torch.tensor([0.0, 0.0, -1.0]), 10)[-1] == ("z", pytest.approx(-1.0))  # k > N: all
+    assert len(index.search_text(torch.tensor([0.0, 0.0, 1.0]), 10)) == 4
+    with pytest.raises(MMQAError, match="k must be at least 1"):
+        index.search_text(torch.tensor([1.0, 0.0, 0.0]), 0)
+    with pytest.raises(MMQAError, match="2 dimensions, the index 3"):
+        index.search_text(torch.tensor([1.0, 0.0]), 1)
+
+
+def test_faiss_gives_the_same_ranking_above_the_threshold():
+    pytest.importorskip("faiss")
+    emb = F.normalize(torch.randn(200, 16, generator=torch.Generator().manual_seed(0)), dim=1)  # (200, 16)
+    paths = [f"img{i}" for i in range(200)]
+    exact, flat = ImageIndex(paths, emb), ImageIndex(paths, emb, faiss_threshold=100)
+    assert not exact._use_faiss() and flat._use_faiss()
+    for q in emb[:5]:
+        a, b = exact.search_image(q, 10), flat.search_image(q, 10)
+        assert [p for p, _ in a] == [p for p, _ in b]
+        assert [s for _, s in a] == pytest.approx([s for _, s in b], abs=1e-5)
+        assert b[0][1] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_an_image_query_finds_its_own_image_first(gallery):
+    embed = PixelEmbedder()
+    index = ImageIndex.build(embed, gallery, progress=False, model_id="m")
+    for path in gallery:
+        (best, score), (_, second) = index.search_image(embed([Image.open(path)])[0], 2)
+        assert best == str(path.resolve()) and score == pytest.approx(1.0, abs=1e-5) and second < score
+
+
+@pytest.fixture(scope="module")
+def untrained_bundle(tmp_path_factory, data_dir):
+    """A tiny bundle straight from its config (no training: only its embeddings' identity matters here)."""
+    from mmqa.train import build_experiment
+
+    out = tmp_path_factory.mktemp("untrained")
+    cfg = compose_cfg(data_dir, out, ())
+    dm, lit = build_experiment(cfg)
+    return Bundle(cfg, lit.model, *dm.tokenizers, dm.answers).save(out / "bundle")
+
+
+def test_the_index_command_embeds_a_folder_with_the_bundle(untrained_bundle, gallery, tmp_path, capsys):
+    (gallery[0].parent / "sub").mkdir()
+    (gallery[0].parent / "sub" / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    folder = gallery[0].parent
+    assert index_main(["build", "--bundle", str(untrained_bundle), "--images", str(folder), "--no-progress"]) == 0
+    out = capsys.readouterr()
+    assert "indexed 7 images" in out.out and "broken.jpg: not a readable image" in out.err
+    bundle = Bundle.load(untrained_bundle)
+    index = ImageIndex.load(folder / INDEX_DIR)
+    assert index.paths == [str(p.resolve()) for p in gallery]
+    assert index.model_id == bundle_model_id(bundle)
+    assert torch.allclose(index.embeddings, bundle.embed_image(gallery), atol=1e-5)
+    assert index.is_current(bundle_model_id(Bundle.load(untrained_bundle)), find_images(folder))  # id is stable
+
+    assert index_main(["build", "--bundle", str(untrained_bundle), "--images", str(tmp_path / "none"),
+                       "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert "not a folder of images" in capsys.readouterr().err
