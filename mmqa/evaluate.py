@@ -13,11 +13,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from mmqa.bundle import Bundle
+from mmqa.data.datamodule import SPLITS
 from mmqa.errors import ConfigError
 from mmqa.lit_module import LitMMQA
 from mmqa.train import write_json
-
-SPLITS = ("train", "val", "test")
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:

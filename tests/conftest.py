@@ -46,9 +46,11 @@ TINY = [
 
 
 def compose_cfg(data_dir: Path, out_dir: Path, overrides=(), config_name: str = "train"):
-    """The composed config as train.py would see it, with paths pointed at temporary folders."""
+    """The composed config as train.py (or `python -m mmqa.evaluate`, which has no model keys) would see
+    it, with paths pointed at temporary folders."""
+    tiny = TINY if config_name == "train" else TINY_DATA
     with initialize_config_dir(str(CONF), version_base="1.3"):
-        return compose(config_name, overrides=[*TINY, *overrides, *path_overrides(data_dir, out_dir)])
+        return compose(config_name, overrides=[*tiny, *overrides, *path_overrides(data_dir, out_dir)])
 
 
 def path_overrides(data_dir: Path, out_dir: Path) -> list[str]:

@@ -108,3 +108,11 @@ def test_evaluate_cli_reproduces_the_training_test_metrics(trained, data_dir, tm
     evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     for key in ("test/vqa_acc", "test/bleu4", "test/r1_t2i", "test/r1_i2t"):
         assert evaluated[key] == pytest.approx(metrics[key], abs=1e-6), key
+
+
+def test_evaluate_refuses_an_unknown_split_before_loading_anything(data_dir, tmp_path):
+    from mmqa.evaluate import evaluate
+
+    cfg = compose_cfg(data_dir, tmp_path, config_name="evaluate", overrides=["bundle=/nowhere", "split=dev"])
+    with pytest.raises(ConfigError, match=r"split='dev' is not a split; valid: train, val, test"):
+        evaluate(cfg)
