@@ -12,11 +12,16 @@ from open_clip.loss import ClipLoss
 from transformers import get_cosine_schedule_with_warmup
 
 from mmqa.data.batch import Batch
+from mmqa.errors import MMQAError
 from mmqa.generate import generate_captions
 from mmqa.metrics import CaptionScores, RetrievalRecall, VQAAccuracy
 from mmqa.models.mmqa_model import MMQAModel
 
 TASKS = ("vqa", "caption", "contrastive")
+
+
+class NonFiniteLossError(MMQAError):
+    """A loss term became NaN or infinite; the message names the term and the step."""
 
 
 class LitMMQA(L.LightningModule):
@@ -86,6 +91,13 @@ class LitMMQA(L.LightningModule):
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         losses, _ = self.compute_losses(batch)
         loss = self.total_loss(losses)
+        if not torch.isfinite(loss):  # never train through a NaN/inf: stop and say which term broke
+            bad = [k for k, v in losses.items() if not torch.isfinite(v)]
+            raise NonFiniteLossError(
+                f"non-finite loss at step {self.global_step} (batch {batch_idx}): "
+                + ", ".join(f"{k}={losses[k].item()}" for k in bad)
+                + "; lower optim.lr, or check the data of this batch"
+            )
         B = len(batch.images)
         for k, v in losses.items():
             self.log(f"train/{k}_loss", v, batch_size=B)

@@ -108,3 +108,14 @@ def test_vqa_loss_is_soft_score_bce(tiny_parts):
     logits = out["vqa_logits"]
     expected = torch.nn.functional.binary_cross_entropy_with_logits(logits, batch.vqa_targets, reduction="sum")
     assert torch.allclose(losses["vqa"], expected / len(logits))
+
+
+def test_a_nan_loss_stops_training_and_names_the_term(tiny_parts, monkeypatch):
+    from mmqa.lit_module import NonFiniteLossError
+
+    cfg, dm, model, lit, batch = tiny_parts()
+    lit.train()
+    head = model.vqa_head.forward
+    monkeypatch.setattr(model.vqa_head, "forward", lambda pooled: head(pooled) * float("nan"))
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 0 \(batch 3\): vqa=nan; lower optim.lr"):
+        lit.training_step(batch, 3)
