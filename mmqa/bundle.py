@@ -99,9 +99,10 @@ class Bundle:
         pil = [to_rgb(im) if isinstance(im, Image.Image) else load_image(im) for im in images]
         return torch.stack([self.transform(im) for im in pil]).to(self.device)  # (B, 3, S, S)
 
-    def _text(self, texts: list[str]):
+    def _text(self, texts: list[str], max_length: int):
+        """Tokenised as in training: questions cut at `max_question_length`, captions at `max_caption_length`."""
         enc = self.text_tokenizer(
-            texts, padding=True, truncation=True, max_length=self.cfg.data.max_question_length, return_tensors="pt"
+            texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt"
         ).to(self.device)
         return self.model.encode_text(enc["input_ids"], enc["attention_mask"])
 
@@ -109,7 +110,7 @@ class Bundle:
     def answer(self, image, question: str, top_k: int = 5, return_attention: bool = False) -> Answer:
         """Answer one question about one image (a path or a PIL image)."""
         img = self.model.encode_images(self._images([image]))
-        q = self._text([question])
+        q = self._text([question], self.cfg.data.max_question_length)
         idx = torch.zeros(1, dtype=torch.long, device=self.device)
         logits, fused = self.model.answer_logits(img, idx, q, return_attention=return_attention)
         probs = logits[0].sigmoid()  # soft-score BCE: independent per-answer probabilities
@@ -134,4 +135,4 @@ class Bundle:
 
     @torch.no_grad()
     def embed_text(self, texts: list[str]) -> torch.Tensor:  # -> (T, E) unit norm
-        return self.model.embed_text(self._text(texts))
+        return self.model.embed_text(self._text(texts, self.cfg.data.max_caption_length))
