@@ -17,7 +17,7 @@ GROUPS = {
 }
 OPTIONS = [(g, o) for g, opts in sorted(GROUPS.items()) for o in opts]
 PATHS = [f"paths.data_dir={ROOT}/data", "paths.output_dir=/tmp/out", f"paths.root_dir={ROOT}"]
-NEEDS_ROOT = {"jsonl", "vqav2", "coco_captions"}
+NEEDS_ROOT = {"jsonl", "vqav2", "coco_captions", "recipe1m"}
 
 
 def compose_option(group: str, option: str):

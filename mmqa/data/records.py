@@ -22,10 +22,12 @@ class QA:
 
 @dataclass
 class ImageRecord:
-    """One image and all of its labels; either list may be empty."""
+    """One image and all of its labels; any of them may be empty."""
 
     image: Path  # absolute path of the image file
     id: str  # unique within a dataset (the image path relative to the dataset root by default)
     questions: list[QA] = field(default_factory=list)
     captions: list[str] = field(default_factory=list)
     source: str = ""  # "file:line" where the record first appeared, for error messages
+    ingredients: list[str] = field(default_factory=list)  # ingredient names in the image (a set, as a list)
+    recipe: dict | None = None  # {"title": str, "ingredients": [str], "steps": [str]} (mmqa.data.recipes)

@@ -14,20 +14,17 @@ only), so a dataset can be generated without the training stack.
 from __future__ import annotations
 
 import functools
-import hashlib
 import itertools
 import json
-import os
 import random
-import shutil
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
-from tqdm import tqdm
 
+from mmqa.data.generated import cached_dataset, common_problems, write_splits
 from mmqa.errors import ConfigError
 
 # Part of the cache key: bump it whenever the same parameters would produce different files.
@@ -58,7 +55,6 @@ NOISE_AMPLITUDE = 12  # +- per channel, uniform
 GRADIENT_AMPLITUDE = 24  # +- brightness across the image
 # Bounding-box side as a fraction of the image side: ~10 px vs ~18 px at 64 px, told apart at a glance.
 SIZES = {"small": 10 / 64, "large": 18 / 64}
-SPLITS = ("train", "val", "test")
 
 # Question templates by kind; "{a_desc}" carries its article ("a red circle", "an orange square").
 TEMPLATES = {
@@ -411,36 +407,13 @@ def generate_shapes(
                   min_objects=min_objects, max_objects=max_objects, questions_per_image=questions_per_image,
                   min_captions=min_captions, max_captions=max_captions, seed=seed)
     _check_params(params)
-    digest = hashlib.sha256(json.dumps([GENERATOR_VERSION, params], sort_keys=True).encode()).hexdigest()[:10]
-    final = Path(root) / f"shapes-{digest}"
-    if final.is_dir():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"  # the pid keeps concurrent runs apart
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        _write_dataset(tmp, params, progress)
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            if not final.is_dir():
-                raise
-            # Another process finished the same dataset first; its copy is identical.
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return cached_dataset(root, "shapes", GENERATOR_VERSION, params, lambda out: _write_dataset(out, params, progress))
 
 
 def _check_params(p: dict) -> None:
-    problems = []
-    if min(p["n_train"], p["n_val"], p["n_test"]) < 0 or p["n_train"] < 1:
-        problems.append("n_train must be >= 1 and n_val, n_test >= 0")
-    if p["image_size"] < 32:
-        problems.append(f"image_size must be >= 32, got {p['image_size']}")
+    problems = common_problems(p, len(CAPTION_TEMPLATES))
     if not 1 <= p["min_objects"] <= p["max_objects"] <= 5:
         problems.append("need 1 <= min_objects <= max_objects <= 5 (counting answers are 0..5)")
-    if not 0 <= p["min_captions"] <= p["max_captions"] <= len(CAPTION_TEMPLATES):
-        problems.append(f"need 0 <= min_captions <= max_captions <= {len(CAPTION_TEMPLATES)}")
     if p["questions_per_image"] < 0 or p["questions_per_image"] + p["min_captions"] == 0:
         problems.append("every image needs a question or a caption: questions_per_image >= 0 and "
                         "questions_per_image + min_captions >= 1")
@@ -449,41 +422,30 @@ def _check_params(p: dict) -> None:
 
 
 def _write_dataset(out: Path, params: dict, progress: bool) -> None:
-    (out / "images").mkdir(parents=True)
-    sizes = {"train": params["n_train"], "val": params["n_val"], "test": params["n_test"]}
-    stats = {}
-    bar = tqdm(total=sum(sizes.values()), desc="generating shapes", unit="img", disable=not progress)
-    with bar, open(out / "scenes.jsonl", "w", encoding="utf-8") as scenes_file:
-        for split_index, split in enumerate(SPLITS):
-            if sizes[split] == 0:
-                continue  # no file at all: readers then report the split as missing, not empty
-            # One stream per split: val and test stay the same when only n_train changes.
-            rng = random.Random(f"mmqa-shapes:{params['seed']}:{split}")
-            np_rng = np.random.default_rng([params["seed"], split_index])
-            family_counts: Counter = Counter({f: 0 for f in FAMILIES})
-            answers: Counter = Counter()
-            n_captions = 0
-            with open(out / f"{split}.jsonl", "w", encoding="utf-8") as lines:
-                for i in range(sizes[split]):
-                    image = f"images/{split}_{i:06d}.png"
-                    scene = sample_scene(rng, params["image_size"], params["min_objects"], params["max_objects"])
-                    render_scene(scene, params["image_size"], np_rng).save(out / image)
-                    questions = ask_questions(scene, params["questions_per_image"], params["image_size"], rng,
-                                              family_counts)
-                    captions = make_captions(scene, rng.randint(params["min_captions"], params["max_captions"]), rng)
-                    for row in _rows(image, questions, captions):
-                        lines.write(json.dumps(row) + "\n")
-                    answers.update((family, answer) for _, answer, family in questions)
-                    n_captions += len(captions)
-                    scenes_file.write(json.dumps({"image": image, "split": split, **asdict(scene)}) + "\n")
-                    bar.update()
-            stats[split] = {
-                "images": sizes[split],
-                "questions": sum(family_counts.values()),
-                "captions": n_captions,
-                "families": dict(family_counts),
-                "answers": {f: {a: n for (fam, a), n in sorted(answers.items()) if fam == f} for f in FAMILIES},
-            }
+    family_counts: dict[str, Counter] = defaultdict(lambda: Counter({f: 0 for f in FAMILIES}))  # per split
+    answers: dict[str, Counter] = defaultdict(Counter)
+    n_captions: Counter = Counter()
+
+    def make_image(split: str, image: str, rng: random.Random, np_rng: np.random.Generator):
+        scene = sample_scene(rng, params["image_size"], params["min_objects"], params["max_objects"])
+        render_scene(scene, params["image_size"], np_rng).save(out / image)
+        questions = ask_questions(scene, params["questions_per_image"], params["image_size"], rng, family_counts[split])
+        captions = make_captions(scene, rng.randint(params["min_captions"], params["max_captions"]), rng)
+        answers[split].update((family, answer) for _, answer, family in questions)
+        n_captions[split] += len(captions)
+        return _rows(image, questions, captions), asdict(scene)
+
+    write_splits(out, "shapes", params, progress, "scenes.jsonl", make_image)
+    stats = {
+        split: {
+            "images": params[f"n_{split}"],
+            "questions": sum(counts.values()),
+            "captions": n_captions[split],
+            "families": dict(counts),
+            "answers": {f: {a: n for (fam, a), n in sorted(answers[split].items()) if fam == f} for f in FAMILIES},
+        }
+        for split, counts in family_counts.items()
+    }
     meta = {
         "generator": "mmqa.data.shapes",
         "version": GENERATOR_VERSION,

@@ -1,0 +1,96 @@
+"""What every built-in procedural dataset shares: the cache it is written through, the checks of
+the parameters all generators take, one random stream per split, and the files of a split.
+
+A generated dataset lives in `<root>/<prefix>-<hash>/`, where the hash covers the generator's version
+and every generation parameter: the same call reuses the folder, any change generates anew. Files
+are written into a hidden temporary sibling and renamed into place at the end, so a killed run never
+leaves a half dataset under the final name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+SPLITS = ("train", "val", "test")
+
+
+def cached_dataset(root: str | Path, prefix: str, version: int, params: dict, write: Callable[[Path], None]) -> Path:
+    """Return `<root>/<prefix>-<hash>`, calling `write(tmp_dir)` to fill it first if it is absent."""
+    digest = hashlib.sha256(json.dumps([version, params], sort_keys=True).encode()).hexdigest()[:10]
+    final = Path(root) / f"{prefix}-{digest}"
+    if final.is_dir():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"  # the pid keeps concurrent runs apart
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write(tmp)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if not final.is_dir():
+                raise
+            # Another process finished the same dataset first; its copy is identical.
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def common_problems(p: dict, n_caption_templates: int) -> list[str]:
+    """What is wrong with the split sizes, image size or captions per image in `p`."""
+    problems = []
+    if min(p["n_train"], p["n_val"], p["n_test"]) < 0 or p["n_train"] < 1:
+        problems.append("n_train must be >= 1 and n_val, n_test >= 0")
+    if p["image_size"] < 32:
+        problems.append(f"image_size must be >= 32, got {p['image_size']}")
+    if not 0 <= p["min_captions"] <= p["max_captions"] <= n_caption_templates:
+        problems.append(f"need 0 <= min_captions <= max_captions <= {n_caption_templates}")
+    return problems
+
+
+def progress_bar(world: str, params: dict, progress: bool) -> tqdm:
+    total = sum(params[f"n_{split}"] for split in SPLITS)
+    return tqdm(total=total, desc=f"generating {world}", unit="img", disable=not progress)
+
+
+def split_streams(world: str, params: dict) -> Iterator[tuple[str, int, random.Random, np.random.Generator]]:
+    """(split, number of images, rng, numpy rng) for each split that has images.
+
+    One stream per split, seeded from the world's name, the seed and the split: val and test stay
+    the same when only n_train changes. A split of 0 images is left out, so that no file is
+    written and readers report the split as missing, not empty.
+    """
+    for index, split in enumerate(SPLITS):
+        if params[f"n_{split}"] > 0:
+            yield (split, params[f"n_{split}"], random.Random(f"mmqa-{world}:{params['seed']}:{split}"),
+                   np.random.default_rng([params["seed"], index]))
+
+
+def write_splits(out: Path, world: str, params: dict, progress: bool, truth_name: str,
+                 make_image: Callable[[str, str, random.Random, np.random.Generator], tuple[list[dict], dict]]) -> None:
+    """Fill `out` with images/, one <split>.jsonl per split and the ground truth `truth_name`.
+
+    `make_image(split, image, rng, np_rng)` saves the image at out/image (a path such as
+    images/train_000000.png: the file name carries the split, so no image is shared) and returns
+    its manifest lines and its ground truth, written as one line of `truth_name`.
+    """
+    (out / "images").mkdir(parents=True)
+    bar = progress_bar(world, params, progress)
+    with bar, open(out / truth_name, "w", encoding="utf-8") as truth:
+        for split, size, rng, np_rng in split_streams(world, params):
+            with open(out / f"{split}.jsonl", "w", encoding="utf-8") as lines:
+                for i in range(size):
+                    image = f"images/{split}_{i:06d}.png"
+                    rows, facts = make_image(split, image, rng, np_rng)
+                    lines.writelines(json.dumps(row) + "\n" for row in rows)
+                    truth.write(json.dumps({"image": image, "split": split, **facts}) + "\n")
+                    bar.update()
