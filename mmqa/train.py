@@ -1,27 +1,35 @@
-"""Training orchestration: `train(cfg) -> metrics`. Builds data, tokenizers and model from the composed
-config, fits with Lightning, tests the best checkpoint, and writes `metrics.json` and the inference
-bundle into the run folder. `train.py` at the top level is the Hydra entry point around it."""
+"""Training orchestration: `train(cfg) -> metrics`. Checks the composed config, builds data, tokenizers
+and model from it, fits with Lightning, tests the best checkpoint, and writes `metrics.json` and the
+inference bundle into the run folder. `train.py` at the top level is the Hydra entry point around it."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import signal
 import time
 from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from mmqa.build import build_model, build_tokenizers
 from mmqa.bundle import Bundle, read_assets, write_assets
+from mmqa.checkpointing import AtomicCheckpointIO, RNGState, SaveOnSigterm
+from mmqa.config_check import check_config
 from mmqa.data.datamodule import MMQADataModule
 from mmqa.errors import ConfigError
 from mmqa.lit_module import LitMMQA
 
+log = logging.getLogger(__name__)
+
 RUN_KEY = "run_key.txt"
+SKIPPED = "skipped.jsonl"  # with data.on_bad_sample=skip: one line per dropped sample
 
 
 # Keys that may change between an interrupted run and its resumption (more epochs, another device,
@@ -66,6 +74,16 @@ def _resolve_ckpt(cfg: DictConfig, output_dir: Path) -> Path | None:
     return path
 
 
+def report_skipped(dm: MMQADataModule, out: Path) -> None:
+    """With data.on_bad_sample=skip: say how many samples were dropped and why, and list them in the run folder."""
+    skip_log = dm.skip_log
+    if skip_log.mode != "skip":
+        return
+    skip_log.write(out / SKIPPED)
+    if skip_log.skipped:
+        log.warning(f"data.on_bad_sample=skip: {skip_log.summary()}; each is listed in {out / SKIPPED}")
+
+
 def write_json(path: Path, data: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
@@ -74,16 +92,22 @@ def write_json(path: Path, data: dict) -> None:
 
 def build_experiment(cfg: DictConfig, assets: tuple | None = None) -> tuple[MMQADataModule, LitMMQA]:
     """The data module (records read, tokenizers and answer vocabulary attached) and the
-    LightningModule for `cfg`. `assets` = (text tokenizer, decoder tokenizer, answers) to reuse;
+    LightningModule for `cfg`. `assets` = (text tokenizer, decoder tokenizer, answers, ingredients) to reuse;
     without it they are built from the training split."""
     dm = instantiate(cfg.data)
     dm.load_records()
     if assets is None:
         text_tok, dec_tok = build_tokenizers(cfg.model, cfg.tokenizer, dm.train_texts())
-        assets = (text_tok, dec_tok, dm.answer_vocab())
-    text_tok, dec_tok, answers = assets
-    dm.attach(text_tok, dec_tok, answers)
-    model = build_model(cfg.model, len(answers), text_tok, dec_tok)
+        assets = (text_tok, dec_tok, dm.answer_vocab(), dm.ingredient_vocab())
+    text_tok, dec_tok, answers, ingredients = assets
+    dm.attach(text_tok, dec_tok, answers, ingredients)
+    model = build_model(cfg.model, len(answers), text_tok, dec_tok, len(ingredients))
+    positions = model.decoder.gpt2.config.n_positions
+    if cfg.data.max_recipe_length > positions and any(r.recipe for r in dm.records["train"]):
+        raise ConfigError(
+            f"data.max_recipe_length={cfg.data.max_recipe_length} exceeds the decoder's {positions} positions "
+            f"(model.decoder.max_length): use experiment=recipes, or raise model.decoder.max_length"
+        )
     lit = LitMMQA(
         model,
         answers=answers,
@@ -93,11 +117,14 @@ def build_experiment(cfg: DictConfig, assets: tuple | None = None) -> tuple[MMQA
         optim=cfg.optim,
         generation=cfg.generation,
         max_caption_eval_images=cfg.eval.max_caption_eval_images,
+        ingredients=ingredients,
+        recipe=cfg.get("recipe"),
     )
     return dm, lit
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
+    check_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -114,20 +141,26 @@ def train(cfg: DictConfig) -> dict[str, float]:
     dm, lit = build_experiment(cfg, assets)
     if rank_zero_only.rank == 0:
         (out / RUN_KEY).write_text(run_key(cfg))
-        write_assets(out / "bundle", cfg, *dm.tokenizers, dm.answers)
+        write_assets(out / "bundle", cfg, *dm.tokenizers, dm.answers, dm.ingredients)
+        report_skipped(dm, out)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    # not config: a resumed run must draw what the uninterrupted one drew, and a pre-empted one must save
+    callbacks += [RNGState(), SaveOnSigterm()]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()])
 
     start = time.perf_counter()
-    trainer.fit(lit, datamodule=dm, ckpt_path=resume)
+    try:
+        trainer.fit(lit, datamodule=dm, ckpt_path=resume, weights_only=True)
+    except SIGTERMException:
+        raise SystemExit(128 + signal.SIGTERM) from None  # the shell's code for "ended by SIGTERM"
     fit_s = time.perf_counter() - start
 
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     ckpt = best or None
     metrics = {}
-    for result in trainer.validate(lit, datamodule=dm, ckpt_path=ckpt) + (
-        trainer.test(lit, datamodule=dm, ckpt_path=ckpt) if dm.records["test"] else []
+    for result in trainer.validate(lit, datamodule=dm, ckpt_path=ckpt, weights_only=True) + (
+        trainer.test(lit, datamodule=dm, ckpt_path=ckpt, weights_only=True) if dm.records["test"] else []
     ):
         metrics.update(result)
     n_train = len(dm.records["train"])
@@ -141,6 +174,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
     )
     metrics = {k: float(v) for k, v in metrics.items()}
     if trainer.is_global_zero:
-        Bundle(cfg, lit.model, *dm.tokenizers, dm.answers).save(out / "bundle")
+        Bundle(cfg, lit.model, *dm.tokenizers, dm.answers, dm.ingredients).save(out / "bundle")
         write_json(out / "metrics.json", metrics)
     return metrics

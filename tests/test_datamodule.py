@@ -65,7 +65,7 @@ def test_answer_vocabulary_is_top_k_normalised_training_answers(tmp_path):
 def test_batches_carry_families_and_soft_targets(tmp_path):
     dm = datamodule(make_dataset(tmp_path), answer_top_k=3)
     tok = train_tokenizer(dm.train_texts(), 100, 1)
-    dm.attach(tok, tok, dm.answer_vocab())
+    dm.attach(tok, tok, dm.answer_vocab(), dm.ingredient_vocab())
     batch = next(iter(dm.val_dataloader()))
     assert batch.images.shape == (2, 3, 16, 16)
     assert batch.q_families == ["counting", "attribute"] * 2
@@ -82,3 +82,15 @@ def test_dataset_without_training_split_is_an_error(tmp_path):
     (tmp_path / "val.jsonl").write_text("")
     with pytest.raises(DataError, match="no training split"):
         datamodule(tmp_path).load_records()
+
+
+def test_tokenizer_fit_is_deterministic_words_first_by_frequency():
+    texts = ["the red circle", "the blue square", "the red cross?"] * 3
+    a, b = train_tokenizer(texts, 100, 1), train_tokenizer(list(reversed(texts)), 100, 1)
+    assert a.get_vocab() == b.get_vocab()  # the same text in another order: the same ids
+    assert a.pad_token_id == 0
+    vocab = sorted(a.get_vocab(), key=a.get_vocab().get)
+    assert vocab[-6:] == ["the", "red", "blue", "circle", "cross", "square"]  # by count, ties alphabetical
+    assert a.tokenize("the reds") == ["the", "red", "##s"]  # unseen words are spelt from known pieces
+    capped = train_tokenizer(texts, len(vocab) - 2, 1)
+    assert "cross" not in capped.get_vocab() and "square" not in capped.get_vocab()

@@ -1,18 +1,23 @@
-"""The LightningDataModule: reads the splits through a reader, holds out validation images when a
+"""The LightningDataModule: reads the splits through a reader, checks every image once and drops or
+refuses bad samples (`on_bad_sample`, see `mmqa.data.validate`), holds out validation images when a
 dataset has none, builds the answer vocabulary from the training split, and serves multi-task
-batches of whole images (see `mmqa.data.batch`)."""
+batches of whole images (see `mmqa.data.batch`) in an order that a checkpoint can resume mid-epoch."""
 
 from __future__ import annotations
 
+import random
 from collections import Counter
 
 import lightning as L
-from torch.utils.data import DataLoader
+import torch
+from torch.utils.data import DataLoader, Sampler
 
 from mmqa.data.batch import Collator, RecordDataset
 from mmqa.data.images import ImageTransform
 from mmqa.data.readers import DatasetReader, split_by_image
+from mmqa.data.recipes import format_recipe, recipe_prompt
 from mmqa.data.records import ImageRecord
+from mmqa.data.validate import SkipLog, check_images
 from mmqa.errors import DataError
 from mmqa.metrics.vqa import normalize_answer
 
@@ -23,6 +28,62 @@ def build_answer_vocab(records: list[ImageRecord], top_k: int) -> list[str]:
     """The `top_k` most frequent normalised answers of the training split (ties broken alphabetically)."""
     counts = Counter(normalize_answer(a) for r in records for qa in r.questions for a in qa.answers)
     return [a for a, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top_k]]
+
+
+class EpochOrder(Sampler[int]):
+    """The training order: a shuffle that depends on (seed, epoch) alone, so a resumed run sees the
+    order the uninterrupted run saw; `start` skips the part of an epoch that was already trained."""
+
+    def __init__(self, n: int, seed: int):
+        self.n = n
+        self.seed = seed
+        self.epoch = 0
+        self.start = 0
+
+    def set_epoch(self, epoch: int) -> None:  # Lightning calls this before every epoch
+        self.epoch = epoch
+
+    def __iter__(self):
+        order = list(range(self.n))
+        random.Random(f"mmqa-order:{self.seed}:{self.epoch}").shuffle(order)
+        start, self.start = self.start, 0
+        return iter(order[start:])
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class ResumableLoader(DataLoader):
+    """The training loader, with a position: the epoch and how many of its batches were served. A
+    resumed run serves the rest of that epoch in the same order, so resuming mid-epoch gives the
+    uninterrupted run's batches. The data module carries the position in checkpoints: Lightning
+    builds the loader (to count the steps of the schedule) before it restores its loops, so the
+    state Lightning keeps for a loader with `state_dict` would come too late."""
+
+    def __init__(self, dataset, batch_size: int, seed: int, **kwargs):
+        self.order = EpochOrder(len(dataset), seed)
+        super().__init__(dataset, batch_size=batch_size, sampler=self.order, generator=torch.Generator(), **kwargs)
+        self.served = 0  # batches of the current epoch handed out
+
+    def __iter__(self):
+        # worker seeds are drawn from `generator`: per epoch, so they too survive a resume
+        self.generator.manual_seed(hash((self.order.seed, self.order.epoch)))
+        self.served = self.order.start // self.batch_size
+        batches = super().__iter__()
+        for batch in batches:
+            self.served += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {"seed": self.order.seed, "epoch": self.order.epoch, "batches": self.served}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.order.seed = state["seed"]
+        if state["batches"] >= len(self):  # saved at the end of an epoch: the next one starts afresh
+            self.order.set_epoch(state["epoch"] + 1)
+        else:
+            self.order.set_epoch(state["epoch"])
+            self.order.start = state["batches"] * self.batch_size
 
 
 class MMQADataModule(L.LightningDataModule):
@@ -41,13 +102,18 @@ class MMQADataModule(L.LightningDataModule):
         max_question_length: int,
         max_caption_length: int,
         max_captions_per_image: int,
+        max_recipe_length: int = 256,
+        ingredient_top_k: int = 1500,
         root: str | None = None,
+        on_bad_sample: str = "raise",
     ):
         """`root` is the dataset directory for configs whose reader reads one (`data.root=...`); the
-        reader's own config refers to it, the data module only records it."""
+        reader's own config refers to it, the data module only records it. `on_bad_sample`: 'raise'
+        stops at the first bad sample, 'skip' drops bad samples and lists them in `self.skip_log`."""
         super().__init__()
         self.root = root
         self.reader = reader
+        self.skip_log = SkipLog(on_bad_sample)
         self.transform = ImageTransform(image_size, mean, std)
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
@@ -55,32 +121,44 @@ class MMQADataModule(L.LightningDataModule):
         self.val_fraction = val_fraction
         self.split_seed = split_seed
         self.answer_top_k = answer_top_k
+        self.ingredient_top_k = ingredient_top_k
         self.collate_args = dict(
             max_question_length=max_question_length,
             max_caption_length=max_caption_length,
             max_captions_per_image=max_captions_per_image,
+            max_recipe_length=max_recipe_length,
         )
         self.records: dict[str, list[ImageRecord]] = {}
         self.tokenizers = None
+        self._train_loader: ResumableLoader | None = None
+        self._resume_position: dict | None = None  # from a checkpoint, for the next training loader
 
     def load_records(self) -> dict[str, list[ImageRecord]]:
-        """Read every split once; without a val split, hold out a seeded slice of train by image."""
+        """Read and check every split once; without a val split, hold out a seeded slice of train by image."""
         if self.records:
             return self.records
-        train = self.reader.read("train")
-        if not train:
+        log = self.skip_log
+        read = {"train": self.reader.read("train", on_bad=log.reader_callback("train"))}
+        if not read["train"]:
             raise DataError(f"{type(self.reader).__name__}: the dataset has no training split (or it is empty)")
-        val = self.reader.read("val")
-        if val is None:
-            train, val = split_by_image(train, self.val_fraction, self.split_seed)
-        self.records = {"train": train, "val": val, "test": self.reader.read("test") or []}
+        read |= {split: self.reader.read(split, on_bad=log.reader_callback(split)) for split in SPLITS[1:]}
+        records = check_images({split: recs or [] for split, recs in read.items()}, log)
+        if read["val"] is None:
+            records["train"], records["val"] = split_by_image(records["train"], self.val_fraction, self.split_seed)
+        if not records["train"]:
+            raise DataError(f"{type(self.reader).__name__}: no training samples left: {log.summary()}")
+        self.records = records
         return self.records
 
     def train_texts(self):
-        """Questions and captions of the training split, to fit a tokenizer on."""
+        """Questions, captions and recipes (with their ingredient prompts) of the training split, to fit
+        a tokenizer on."""
         for r in self.load_records()["train"]:
             yield from (qa.question for qa in r.questions)
             yield from r.captions
+            if r.recipe is not None:
+                yield recipe_prompt(r.ingredients)
+                yield format_recipe(r.recipe)
 
     def families(self, split: str = "train") -> list[str]:
         return sorted({qa.family for r in self.load_records()[split] for qa in r.questions if qa.family})
@@ -88,23 +166,42 @@ class MMQADataModule(L.LightningDataModule):
     def answer_vocab(self) -> list[str]:
         return build_answer_vocab(self.load_records()["train"], self.answer_top_k)
 
-    def attach(self, text_tokenizer, decoder_tokenizer, answers: list[str]) -> None:
-        """Give the module what the model side decides: tokenizers and the answer vocabulary."""
+    def ingredient_vocab(self) -> list[str]:
+        """The `ingredient_top_k` most frequent ingredient names of the training split (Recipe1M has
+        thousands), sorted by name; empty for data without ingredients."""
+        counts = Counter(name for r in self.load_records()["train"] for name in r.ingredients)
+        return sorted(n for n, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[: self.ingredient_top_k])
+
+    def attach(self, text_tokenizer, decoder_tokenizer, answers: list[str], ingredients: list[str] = ()) -> None:
+        """Give the module what the model side decides: tokenizers, answer and ingredient vocabularies."""
         self.tokenizers = (text_tokenizer, decoder_tokenizer)
         self.answers = answers
+        self.ingredients = list(ingredients)
 
     def loader(self, split: str, train: bool) -> DataLoader:
         if self.tokenizers is None:
             raise RuntimeError("MMQADataModule.attach(...) must be called before asking for data loaders")
-        collate = Collator(*self.tokenizers, self.answers, train=train, **self.collate_args)
-        return DataLoader(
-            RecordDataset(self.load_records()[split], self.transform),
-            batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
-            num_workers=self.num_workers,
-            collate_fn=collate,
-            persistent_workers=self.num_workers > 0,
-        )
+        collate = Collator(*self.tokenizers, self.answers, train=train, ingredients=self.ingredients, **self.collate_args)
+        dataset = RecordDataset(self.load_records()[split], self.transform)
+        args = dict(num_workers=self.num_workers, collate_fn=collate, persistent_workers=self.num_workers > 0)
+        distributed = self.trainer is not None and self.trainer.world_size > 1
+        if train and not distributed:
+            # seeded by the run's seed (`seed_everything`); under DDP, Lightning's DistributedSampler
+            # orders by (seed, epoch) instead, and a mid-epoch resume replays the epoch's first batches
+            loader = self._train_loader = ResumableLoader(dataset, self.batch_size, seed=torch.initial_seed(), **args)
+            if self._resume_position is not None:
+                loader.load_state_dict(self._resume_position)
+                self._resume_position = None
+            return loader
+        return DataLoader(dataset, batch_size=self.batch_size if train else self.eval_batch_size, shuffle=train, **args)
+
+    def state_dict(self) -> dict:
+        """Saved in every checkpoint (Lightning calls it): where the training order stands."""
+        return {"train_position": self._train_loader.state_dict()} if self._train_loader is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """On resume, before Lightning asks for the training loader."""
+        self._resume_position = state.get("train_position")
 
     def train_dataloader(self) -> DataLoader:
         return self.loader("train", train=True)

@@ -5,10 +5,11 @@ the GPT-2 decoder ([BOS] ... [EOS], added by the collator)."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from mmqa.models.pretrained import load_pretrained
@@ -17,15 +18,28 @@ SPECIALS = dict(pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_tok
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int) -> PreTrainedTokenizerFast:
-    """A lowercase WordPiece tokenizer fitted to `texts`; [PAD] has id 0."""
-    tok = Tokenizer(models.WordPiece(unk_token=SPECIALS["unk_token"]))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    """A lowercase WordPiece tokenizer fitted to `texts`; [PAD] has id 0.
+
+    The vocabulary is built from word counts, not by `tokenizers`' WordPiece trainer: that trainer
+    breaks ties between equally frequent merges in hash order, so two fits of the same text gave
+    different vocabularies and two runs of one seed different models. Here it is the special
+    tokens, every character (alone and as a "##" continuation, so any word can be spelled), then
+    the words seen at least `min_frequency` times, most frequent first and ties alphabetical, up to
+    `vocab_size`: the same text always gives the same ids."""
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    counts: Counter[str] = Counter()
+    for text in texts:
+        counts.update(w for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    chars = sorted({c for w in counts for c in w})
+    vocab = list(SPECIALS.values()) + chars + [f"##{c}" for c in chars]
+    taken = set(vocab)
+    words = sorted((w for w, n in counts.items() if n >= min_frequency and w not in taken), key=lambda w: (-counts[w], w))
+    vocab += words[: max(0, vocab_size - len(vocab))]
+    tok = Tokenizer(models.WordPiece(vocab={t: i for i, t in enumerate(vocab)}, unk_token=SPECIALS["unk_token"]))
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre_tokenizer
     tok.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(SPECIALS.values())
-    )
-    tok.train_from_iterator(texts, trainer=trainer)
     cls, sep = SPECIALS["cls_token"], SPECIALS["sep_token"]
     tok.post_processor = processors.TemplateProcessing(
         single=f"{cls} $A {sep}", special_tokens=[(cls, tok.token_to_id(cls)), (sep, tok.token_to_id(sep))]
