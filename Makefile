@@ -12,4 +12,7 @@ train: $(VENV)/.installed  ## generate the built-in dataset, train, evaluate, ex
 	$(PY) train.py $(ARGS)
 
 test: $(VENV)/.installed  ## the default test suite (slow convergence tests: make test ARGS="-m slow")
+	@# the browser test needs Debian's chromium: installed when missing and root, else that test skips
+	@command -v chromium >/dev/null || [ "$$(id -u)" != 0 ] || \
+		{ apt-get update -q && apt-get install -y -q chromium; } >/dev/null 2>&1 || true
 	HF_HUB_OFFLINE=1 $(PY) -m pytest $(ARGS)

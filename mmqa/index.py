@@ -1,9 +1,10 @@
 """Build the image index a demo or script searches:
-`python -m mmqa.index build --bundle B --images DIR [--out OUT]`.
+`python -m mmqa.index build (--bundle B | --clip NAME --clip-pretrained WEIGHTS) --images DIR [--out OUT]`.
 
 Every image under DIR (png, jpg, jpeg, webp, bmp; recursively, in sorted order) is embedded by the
-bundle's image tower and saved to OUT (default `DIR/.mmqa-index`, where `demo.py --gallery DIR`
-looks first). Unreadable files are skipped and listed. The index itself is `mmqa.retrieval`.
+bundle's image tower, or by a real open_clip model, and saved to OUT (default `DIR/.mmqa-index`, where
+`demo.py --gallery DIR` looks first; the demo reuses it when started with the same towers). Unreadable
+files are skipped and listed. The index itself is `mmqa.retrieval`.
 """
 
 from __future__ import annotations
@@ -14,13 +15,15 @@ from pathlib import Path
 
 from mmqa.bundle import Bundle
 from mmqa.errors import MMQAError
-from mmqa.retrieval import BATCH_SIZE, INDEX_DIR, ImageIndex, bundle_model_id, find_images
+from mmqa.retrieval import BATCH_SIZE, INDEX_DIR, ImageIndex, Towers, bundle_towers, find_images, open_clip_towers
 
 
-def build(bundle_dir: Path, images: Path, out: Path, batch_size: int = BATCH_SIZE, progress: bool = True) -> ImageIndex:
-    bundle = Bundle.load(bundle_dir)
-    index = ImageIndex.build(bundle.embed_image, find_images(images), batch_size, progress,
-                             model_id=bundle_model_id(bundle))
+def build(towers: Towers | Path, images: Path, out: Path, batch_size: int = BATCH_SIZE,
+          progress: bool = True) -> ImageIndex:
+    """Index every image under `images` with `towers` (or a bundle folder's own) into `out`."""
+    if not isinstance(towers, Towers):
+        towers = bundle_towers(Bundle.load(towers))
+    index = ImageIndex.build(towers.embed_image, find_images(images), batch_size, progress, model_id=towers.model_id)
     index.save(out)
     return index
 
@@ -29,7 +32,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mmqa.index", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("build", help="embed every image of a folder and save the index")
-    p.add_argument("--bundle", type=Path, required=True, help="the trained bundle whose image tower embeds")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--bundle", type=Path, help="the trained bundle whose image tower embeds")
+    which.add_argument("--clip", metavar="NAME", help="an open_clip model instead (as demo.py --clip)")
+    p.add_argument("--clip-pretrained", metavar="NAME_OR_FILE", help="the open_clip model's weights")
     p.add_argument("--images", type=Path, required=True, help="the folder of images (searched recursively)")
     p.add_argument("--out", type=Path, help=f"where to write the index (default: IMAGES/{INDEX_DIR})")
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="images embedded at once")
@@ -38,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
 
     out = args.out or args.images / INDEX_DIR
     try:
-        index = build(args.bundle, args.images, out, args.batch_size, not args.no_progress)
+        towers = open_clip_towers(args.clip, args.clip_pretrained) if args.clip else args.bundle
+        index = build(towers, args.images, out, args.batch_size, not args.no_progress)
     except MMQAError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

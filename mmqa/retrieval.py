@@ -10,6 +10,10 @@ never searched.
 
 Search is exact: a matrix product and a top-k. Above `faiss_threshold` images it goes through
 `faiss.IndexFlatIP` when faiss is installed (the `faiss` extra); it is never required.
+
+The embeddings come from a pair of `Towers`: the bundle's contrastive towers (`bundle_towers`), or a
+real open_clip model (`open_clip_towers`, loaded through `open_clip.create_model_and_transforms` from
+a name or a config file plus weights, by name or from a local file).
 """
 
 from __future__ import annotations
@@ -21,16 +25,18 @@ import os
 import uuid
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 from safetensors import safe_open
+from PIL import Image
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from mmqa.data.images import load_image
+from mmqa.data.images import load_image, to_rgb
 from mmqa.errors import DataError, MMQAError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -64,14 +70,78 @@ def find_images(root: str | Path) -> list[Path]:
 def bundle_model_id(bundle) -> str:
     """A hash of everything that decides a bundle's image embeddings: the model config, the image
     preprocessing and every weight. Two bundles with the same id embed every image identically."""
-    h = hashlib.sha256()
     data = bundle.cfg.data
-    h.update(OmegaConf.to_yaml(bundle.cfg.model).encode())
-    h.update(json.dumps([data.image_size, list(data.mean), list(data.std)]).encode())
-    for name, tensor in bundle.model.state_dict().items():
+    return weights_hash(bundle.model, OmegaConf.to_yaml(bundle.cfg.model),
+                        json.dumps([data.image_size, list(data.mean), list(data.std)]))
+
+
+def weights_hash(module: torch.nn.Module, *describe: str) -> str:
+    """sha256 of the strings in `describe` (config, preprocessing) and of every tensor of `module`'s
+    state dict: its name, dtype, shape and raw bytes."""
+    h = hashlib.sha256()
+    for text in describe:
+        h.update(text.encode())
+    for name, tensor in module.state_dict().items():
         h.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
         h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())  # raw bytes, any dtype
     return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Towers:
+    """The two encoders a search needs. embed_image: images (paths or PIL) -> (B, E) unit vectors;
+    embed_text: texts -> (T, E) unit vectors in the same space; model_id: what an index built with
+    them records (equal ids embed every image identically); name: shown in the Search tab."""
+
+    name: str
+    model_id: str
+    embed_image: EmbedFn
+    embed_text: Callable[[list[str]], torch.Tensor]
+
+
+def bundle_towers(bundle) -> Towers:
+    """The bundle's own contrastive towers (trained with its CLIP loss)."""
+    return Towers("this model's contrastive towers", bundle_model_id(bundle), bundle.embed_image, bundle.embed_text)
+
+
+def open_clip_towers(name: str, pretrained: str | None = None, device: str = "cpu") -> Towers:
+    """A real CLIP from open_clip: `name` is one of `open_clip.list_models()` (`ViT-B-32`), a model
+    config JSON file (registered with `open_clip.add_model_config`; its file name is the model's name)
+    or `local-dir:FOLDER` (open_clip's own layout: config and weights in one folder); `pretrained` is
+    an open_clip weights tag (downloaded on first use) or a weights file (.safetensors, or a state-dict
+    .pt/.bin read with `weights_only=True`). Any failure is one MMQAError saying what to do."""
+    import open_clip  # only a demo or index asked for a real CLIP imports it
+
+    if name.endswith(".json"):
+        if not Path(name).is_file():
+            raise MMQAError(f"{name}: no such open_clip model config file")
+        open_clip.add_model_config(name)
+        name = Path(name).stem
+    if pretrained and Path(pretrained).suffix and not Path(pretrained).is_file():
+        raise MMQAError(f"{pretrained}: no such weights file")
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
+        tokenizer = open_clip.get_tokenizer(name)
+    except Exception as e:  # open_clip raises RuntimeError, ValueError, OSError, hub errors
+        raise MMQAError(
+            f"could not load the open_clip model {name!r} with weights {pretrained!r} ({type(e).__name__}: {e}). "
+            f"Names: open_clip.list_models(), or a model config .json; weights: a tag, or a local .safetensors/.pt "
+            f"file (offline, a tag works only when it is already in the cache)") from e
+    model.eval()
+
+    @torch.no_grad()
+    def embed_image(images: list) -> torch.Tensor:  # -> (B, E)
+        pil = [to_rgb(im) if isinstance(im, Image.Image) else load_image(im) for im in images]
+        x = torch.stack([preprocess(im) for im in pil]).to(device)  # (B, 3, S, S)
+        return F.normalize(model.encode_image(x).float(), dim=-1)
+
+    @torch.no_grad()
+    def embed_text(texts: list[str]) -> torch.Tensor:  # -> (T, E)
+        return F.normalize(model.encode_text(tokenizer(texts).to(device)).float(), dim=-1)
+
+    preprocessing = json.dumps(getattr(model.visual, "preprocess_cfg", {}), sort_keys=True, default=str)
+    model_id = weights_hash(model, f"open_clip {name}", preprocessing)
+    return Towers(f"open_clip {name} ({pretrained or 'weights from its folder'})", model_id, embed_image, embed_text)
 
 
 def file_sources(paths: Sequence[str | Path]) -> list[Source]:

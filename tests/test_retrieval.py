@@ -1,25 +1,52 @@
 """The image index (`mmqa.retrieval`) and its command (`python -m mmqa.index build`): building skips and
 reports unreadable files, a saved index loads back identical, a stale one (another model, changed or
 other files, a damaged save) is rebuilt rather than searched, and search ranks by cosine — by the
-matrix product and, for large galleries, by faiss alike."""
+matrix product and, for large galleries, by faiss alike. A real open_clip model (a tiny randomly
+initialised one, saved to a file here) loads by path as the search towers."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
+import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors.torch import save_file
 
 from conftest import compose_cfg
 from mmqa.bundle import Bundle
 from mmqa.errors import MMQAError
 from mmqa.index import main as index_main
 from mmqa.retrieval import (
-    EMBEDDINGS, INDEX_DIR, INDEX_JSON, ImageIndex, bundle_model_id, find_images, load_or_build,
+    EMBEDDINGS, INDEX_DIR, INDEX_JSON, ImageIndex, bundle_model_id, find_images, load_or_build, open_clip_towers,
 )
+
+# An open_clip CLIP small enough to build in a blink (1.6M parameters, most in the token embedding of
+# open_clip's own BPE vocabulary); a model config like those in open_clip's model_configs/.
+TINY_CLIP = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+def save_tiny_clip(folder: Path, seed: int = 0, suffix: str = ".safetensors") -> tuple[Path, Path, "open_clip.CLIP"]:
+    """(config file, weights file, the model itself): a randomly initialised tiny CLIP saved as a user
+    would have one on disk — `mmqa-tiny-clip.json` and its weights (safetensors or a .pt state dict)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(**TINY_CLIP).eval()
+    config, weights = folder / "mmqa-tiny-clip.json", folder / f"tiny-clip-{seed}{suffix}"
+    config.write_text(json.dumps(TINY_CLIP))
+    if suffix == ".safetensors":
+        save_file(model.state_dict(), str(weights))
+    else:
+        torch.save(model.state_dict(), weights)
+    return config, weights, model
 
 
 class PixelEmbedder:
@@ -177,7 +204,7 @@ def untrained_bundle(tmp_path_factory, data_dir):
     out = tmp_path_factory.mktemp("untrained")
     cfg = compose_cfg(data_dir, out, ())
     dm, lit = build_experiment(cfg)
-    return Bundle(cfg, lit.model, *dm.tokenizers, dm.answers).save(out / "bundle")
+    return Bundle(cfg, lit.model, *dm.tokenizers, dm.answers, dm.ingredients).save(out / "bundle")
 
 
 def test_the_index_command_embeds_a_folder_with_the_bundle(untrained_bundle, gallery, tmp_path, capsys):
@@ -197,3 +224,61 @@ def test_the_index_command_embeds_a_folder_with_the_bundle(untrained_bundle, gal
     assert index_main(["build", "--bundle", str(untrained_bundle), "--images", str(tmp_path / "none"),
                        "--out", str(tmp_path / "o"), "--no-progress"]) == 2
     assert "not a folder of images" in capsys.readouterr().err
+
+
+def test_a_saved_open_clip_model_loads_by_path_and_embeds_like_itself(gallery, tmp_path):
+    config, weights, model = save_tiny_clip(tmp_path / "clip")
+    towers = open_clip_towers(str(config), str(weights))
+    assert towers.name == f"open_clip mmqa-tiny-clip ({weights})"
+
+    images = towers.embed_image(gallery[:3])  # paths
+    assert images.shape == (3, 16) and torch.allclose(images.norm(dim=-1), torch.ones(3))
+    assert torch.allclose(towers.embed_image([Image.open(gallery[0])]), images[:1], atol=1e-6)  # or PIL images
+    preprocess = open_clip.image_transform(32, is_train=False)  # open_clip's default eval transform at 32 px
+    with torch.no_grad():
+        direct = F.normalize(model.encode_image(torch.stack([preprocess(Image.open(p).convert("RGB"))
+                                                              for p in gallery[:3]])), dim=-1)  # (3, 16)
+        text = F.normalize(model.encode_text(open_clip.get_tokenizer("mmqa-tiny-clip")(["a red circle"])), dim=-1)
+    assert torch.allclose(images, direct, atol=1e-5)  # the saved weights, not a fresh random model
+    assert torch.allclose(towers.embed_text(["a red circle"]), text, atol=1e-5)
+
+    # identity: the same weights again (here as a .pt state dict) give the same id; other weights another
+    _, pt, _ = save_tiny_clip(tmp_path / "clip", suffix=".pt")
+    assert open_clip_towers(str(config), str(pt)).model_id == towers.model_id
+    _, other, _ = save_tiny_clip(tmp_path / "clip", seed=1)
+    retrained = open_clip_towers(str(config), str(other))
+    assert retrained.model_id != towers.model_id
+
+    # an index records which towers built it: built with one CLIP, it is rebuilt for the other
+    where = tmp_path / "idx"
+    first = load_or_build(towers.model_id, towers.embed_image, gallery, where, progress=False)
+    assert ImageIndex.load(where).model_id == towers.model_id
+    rebuilt = load_or_build(retrained.model_id, retrained.embed_image, gallery, where, progress=False)
+    assert ImageIndex.load(where).model_id == retrained.model_id
+    assert not torch.allclose(rebuilt.embeddings, first.embeddings)
+    hits = rebuilt.search_text(retrained.embed_text(["a red circle"])[0], 3)
+    assert len(hits) == 3 and hits[0][1] >= hits[1][1] >= hits[2][1]
+
+
+@pytest.mark.parametrize(("name", "pretrained", "message"), [
+    ("missing.json", None, "missing.json: no such open_clip model config file"),
+    ("mmqa-no-such-model", "weights.pt", "no such weights file"),
+    ("mmqa-no-such-model", None, "could not load the open_clip model 'mmqa-no-such-model'.*list_models"),
+    ("ViT-B-32", "openai", "could not load the open_clip model 'ViT-B-32' with weights 'openai'.*local"),  # offline
+])
+def test_an_open_clip_model_that_cannot_be_loaded_is_one_clear_error(tmp_path, name, pretrained, message):
+    with pytest.raises(MMQAError, match=message):
+        open_clip_towers(str(tmp_path / name) if name.endswith(".json") else name,
+                         str(tmp_path / pretrained) if pretrained and "." in pretrained else pretrained)
+
+
+def test_the_index_command_embeds_with_an_open_clip_model(gallery, tmp_path, capsys):
+    config, weights, _ = save_tiny_clip(tmp_path / "clip")
+    folder = gallery[0].parent
+    assert index_main(["build", "--clip", str(config), "--clip-pretrained", str(weights), "--images", str(folder),
+                       "--no-progress"]) == 0
+    assert "indexed 7 images (16-d embeddings)" in capsys.readouterr().out
+    towers = open_clip_towers(str(config), str(weights))
+    index = ImageIndex.load(folder / INDEX_DIR)
+    assert index.is_current(towers.model_id, find_images(folder))  # what demo.py --clip reuses
+    assert torch.allclose(index.embeddings, towers.embed_image(gallery), atol=1e-5)
