@@ -29,11 +29,15 @@ def build_tokenizers(model_cfg: DictConfig, tokenizer_cfg: DictConfig, texts: It
     return text_tok, dec_tok
 
 
-def build_model(model_cfg: DictConfig, num_answers: int, text_tokenizer, decoder_tokenizer) -> MMQAModel:
-    """Instantiate the model tree from `model_cfg`, filling in the sizes that come from the data."""
+def build_model(
+    model_cfg: DictConfig, num_answers: int, text_tokenizer, decoder_tokenizer, num_ingredients: int = 0
+) -> MMQAModel:
+    """Instantiate the model tree from `model_cfg`, filling in the sizes that come from the data
+    (answer and ingredient vocabularies; no ingredient head when the data has no ingredients)."""
     return instantiate(
         model_cfg,
         num_answers=num_answers,
+        num_ingredients=num_ingredients,
         text_encoder={"vocab_size": len(text_tokenizer)},
         decoder={
             "vocab_size": len(decoder_tokenizer),

@@ -1,5 +1,6 @@
 """The inference bundle: everything needed to use a trained model, in safe formats only — the resolved
-config (YAML), tokenizers (HF JSON), the answer vocabulary (JSON) and the weights (safetensors).
+config (YAML), tokenizers (HF JSON), the answer and ingredient vocabularies (JSON) and the weights
+(safetensors).
 `Bundle.load` rebuilds the model from the stored config before loading weights, so no pickled code
 is ever executed. The demo, the CLI and the tests all go through these methods.
 """
@@ -9,10 +10,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from safetensors.torch import load_model, save_model
@@ -21,30 +24,42 @@ from mmqa.build import build_model
 from mmqa.data.images import ImageTransform, load_image, to_rgb
 from mmqa.data.tokenizer import load_tokenizer
 from mmqa.errors import MMQAError
+from mmqa.data.recipes import parse_recipe
 from mmqa.generate import generate_captions
 from mmqa.models.mmqa_model import MMQAModel
+from mmqa.recipe import predict_ingredients, write_recipes
 
 WEIGHTS = "model.safetensors"
 
 
-def write_assets(path: Path, cfg: DictConfig, text_tokenizer, decoder_tokenizer, answers: list[str]) -> None:
-    """Config, tokenizers and vocabulary: everything but the weights (written at the start of a run,
-    so a resumed run reuses exactly the same vocabulary)."""
+def write_assets(
+    path: Path, cfg: DictConfig, text_tokenizer, decoder_tokenizer, answers: list[str], ingredients: list[str] = ()
+) -> None:
+    """Config, tokenizers and vocabularies: everything but the weights (written at the start of a run,
+    so a resumed run reuses exactly the same vocabularies)."""
     path.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, path / "config.yaml", resolve=True)
     text_tokenizer.save_pretrained(path / "tokenizer")
     decoder_tokenizer.save_pretrained(path / "decoder_tokenizer")
     (path / "answers.json").write_text(json.dumps(answers, indent=0))
+    (path / "ingredients.json").write_text(json.dumps(list(ingredients), indent=0))
 
 
-def read_assets(path: Path) -> tuple[DictConfig, object, object, list[str]]:
+def read_assets(path: Path) -> tuple[DictConfig, object, object, list[str], list[str]]:
+    """(config, text tokenizer, decoder tokenizer, answers, ingredients); bundles from before the
+    recipe task have no ingredients.json and read as having no ingredients."""
     path = Path(path)
     missing = [n for n in ("config.yaml", "tokenizer", "decoder_tokenizer", "answers.json") if not (path / n).exists()]
     if missing:
         raise MMQAError(f"{path} is not an mmqa bundle: missing {', '.join(missing)}")
-    cfg = OmegaConf.load(path / "config.yaml")
+    try:  # OmegaConf reads YAML with a safe loader: a `!!python/...` tag is refused, never run
+        cfg = OmegaConf.load(path / "config.yaml")
+    except yaml.YAMLError as e:
+        raise MMQAError(f"{path / 'config.yaml'}: not a valid bundle config: {e}") from None
     answers = json.loads((path / "answers.json").read_text())
-    return cfg, load_tokenizer(path / "tokenizer"), load_tokenizer(path / "decoder_tokenizer"), answers
+    ing_file = path / "ingredients.json"
+    ingredients = json.loads(ing_file.read_text()) if ing_file.is_file() else []
+    return cfg, load_tokenizer(path / "tokenizer"), load_tokenizer(path / "decoder_tokenizer"), answers, ingredients
 
 
 @dataclass
@@ -54,13 +69,33 @@ class Answer:
     attention: torch.Tensor | None  # (grid, grid) question -> patch attention, averaged over heads and tokens
 
 
+@dataclass
+class Recipe:
+    ingredients: list[tuple[str, float]]  # every vocabulary ingredient with its probability, most likely first
+    used: list[str]  # the set the recipe was written with (predicted, or given)
+    text: str  # the generated text
+    title: str  # parsed from `text`
+    lines: list[str]  # the recipe's ingredient lines, with quantities
+    steps: list[str]
+
+
 class Bundle:
-    def __init__(self, cfg: DictConfig, model: MMQAModel, text_tokenizer, decoder_tokenizer, answers: list[str]):
+    def __init__(
+        self,
+        cfg: DictConfig,
+        model: MMQAModel,
+        text_tokenizer,
+        decoder_tokenizer,
+        answers: list[str],
+        ingredients: list[str] = (),
+    ):
         self.cfg = cfg
         self.model = model.eval()
         self.text_tokenizer = text_tokenizer
         self.decoder_tokenizer = decoder_tokenizer
         self.answers = answers
+        self.ingredients = list(ingredients)
+        self._tokenizer_lock = threading.Lock()
         self.transform = ImageTransform(cfg.data.image_size, list(cfg.data.mean), list(cfg.data.std))
 
     # ----------------------------------------------------------------------------- save / load
@@ -69,7 +104,7 @@ class Bundle:
         path = Path(path)
         tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        write_assets(tmp, self.cfg, self.text_tokenizer, self.decoder_tokenizer, self.answers)
+        write_assets(tmp, self.cfg, self.text_tokenizer, self.decoder_tokenizer, self.answers, self.ingredients)
         save_model(self.model, str(tmp / WEIGHTS))  # handles GPT-2's tied embeddings
         if path.exists():
             old = path.parent / f".{path.name}.old-{os.getpid()}"
@@ -83,12 +118,12 @@ class Bundle:
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu") -> "Bundle":
         path = Path(path)
-        cfg, text_tok, dec_tok, answers = read_assets(path)
+        cfg, text_tok, dec_tok, answers, ingredients = read_assets(path)
         if not (path / WEIGHTS).is_file():
             raise MMQAError(f"{path} is not an mmqa bundle: missing {WEIGHTS}")
-        model = build_model(cfg.model, len(answers), text_tok, dec_tok)
+        model = build_model(cfg.model, len(answers), text_tok, dec_tok, len(ingredients))
         load_model(model, str(path / WEIGHTS), device=device)
-        return cls(cfg, model.to(device), text_tok, dec_tok, answers)
+        return cls(cfg, model.to(device), text_tok, dec_tok, answers, ingredients)
 
     # ----------------------------------------------------------------------------- inference
     @property
@@ -101,9 +136,9 @@ class Bundle:
 
     def _text(self, texts: list[str], max_length: int):
         """Tokenised as in training: questions cut at `max_question_length`, captions at `max_caption_length`."""
-        enc = self.text_tokenizer(
-            texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt"
-        ).to(self.device)
+        with self._tokenizer_lock:  # a fast tokenizer keeps its truncation length as state: one caller at a time
+            enc = self.text_tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        enc = enc.to(self.device)
         return self.model.encode_text(enc["input_ids"], enc["attention_mask"])
 
     @torch.no_grad()
@@ -128,6 +163,43 @@ class Bundle:
         img = self.model.encode_images(self._images([image]))
         kwargs = {**OmegaConf.to_container(self.cfg.generation), **generate_kwargs}
         return generate_captions(self.model, self.decoder_tokenizer, img, **kwargs)[0]
+
+    @property
+    def writes_recipes(self) -> bool:
+        """Trained on recipes: it has an ingredient head (the demo's Describe tab then writes recipes)."""
+        return self.model.ingredient_head is not None and bool(self.ingredients)
+
+    @torch.no_grad()
+    def recipe(self, image, ingredients: list[str] | None = None, threshold: float | None = None, **generate_kwargs) -> Recipe:
+        """Predict the ingredients of a dish photo, then write its recipe with them (or with the given
+        `ingredients`). `threshold` defaults to the training config's `recipe.prompt_threshold`;
+        `generate_kwargs` go to transformers' `generate` (a `streamer` too)."""
+        self._require_recipes()
+        rcfg = self.cfg.get("recipe") or {}
+        if threshold is None:
+            threshold = float(rcfg.get("prompt_threshold", rcfg.get("ingredient_threshold", 0.5)))
+        img = self.model.encode_images(self._images([image]))
+        probs, sets = predict_ingredients(self.model, img, self.ingredients, threshold)
+        used = sorted(ingredients) if ingredients is not None else sets[0]
+        kwargs = {**OmegaConf.to_container(rcfg.get("generation") or OmegaConf.create({})), **generate_kwargs}
+        vocabulary = self.ingredients if rcfg.get("ban_absent_ingredients", True) else None
+        text = write_recipes(self.model, self.decoder_tokenizer, img, [used], vocabulary, **kwargs)[0]
+        parsed = parse_recipe(text)
+        return Recipe(self._ranked(probs[0]), used, text, parsed["title"], parsed["ingredients"], parsed["steps"])
+
+    @torch.no_grad()
+    def ingredients_of(self, image) -> list[tuple[str, float]]:
+        """Every vocabulary ingredient with its probability of being in the dish, most likely first."""
+        self._require_recipes()
+        img = self.model.encode_images(self._images([image]))
+        return self._ranked(self.model.ingredient_logits(img)[0].sigmoid())
+
+    def _require_recipes(self) -> None:
+        if not self.writes_recipes:
+            raise MMQAError("this bundle was not trained on recipes (no ingredient vocabulary); train with experiment=recipes")
+
+    def _ranked(self, probs: torch.Tensor) -> list[tuple[str, float]]:  # (I,) -> most likely first
+        return sorted(zip(self.ingredients, probs.tolist()), key=lambda kv: -kv[1])
 
     @torch.no_grad()
     def embed_image(self, images: list) -> torch.Tensor:  # -> (B, E) unit norm

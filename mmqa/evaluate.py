@@ -24,13 +24,14 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         raise ConfigError(f"split={cfg.split!r} is not a split; valid: {', '.join(SPLITS)}")
     bundle = Bundle.load(cfg.bundle)
     # the bundle's preprocessing wins over the dataset config: the model was trained with it
-    for key in ("image_size", "mean", "std", "max_question_length", "max_caption_length"):
-        cfg.data[key] = bundle.cfg.data[key]
+    for key in ("image_size", "mean", "std", "max_question_length", "max_caption_length", "max_recipe_length"):
+        if key in bundle.cfg.data:
+            cfg.data[key] = bundle.cfg.data[key]
     dm = instantiate(cfg.data)
     records = dm.load_records()[cfg.split]
     if not records:
         raise ConfigError(f"split={cfg.split!r}: the dataset has no {cfg.split} split")
-    dm.attach(bundle.text_tokenizer, bundle.decoder_tokenizer, bundle.answers)
+    dm.attach(bundle.text_tokenizer, bundle.decoder_tokenizer, bundle.answers, bundle.ingredients)
     lit = LitMMQA(
         bundle.model,
         answers=bundle.answers,
@@ -40,6 +41,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         optim=bundle.cfg.optim,
         generation=bundle.cfg.generation,
         max_caption_eval_images=len(records),
+        ingredients=bundle.ingredients,
+        recipe={**(bundle.cfg.get("recipe") or {}), **{k: v for k, v in (cfg.get("recipe") or {}).items() if v is not None}},
     )
     trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
     # Lightning's test loop, fed the requested split, logs under "test/"; rename to the split asked for

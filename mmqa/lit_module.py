@@ -1,23 +1,27 @@
-"""The LightningModule: the multi-task loss (VQA soft-score BCE + caption LM + CLIP contrastive, each
-computed only where the batch has its labels and weighted from the config), the metrics under
-"split/name" keys, and AdamW with linear warmup + cosine decay. The model itself is plain PyTorch
-(`mmqa.models`)."""
+"""The LightningModule: the multi-task loss (VQA soft-score BCE + caption LM + CLIP contrastive +
+ingredient BCE + recipe LM, each computed only where the batch has its labels and weighted from the
+config), the metrics under "split/name" keys, and AdamW with linear warmup + cosine decay. The model
+itself is plain PyTorch (`mmqa.models`)."""
 
 from __future__ import annotations
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+import torchmetrics
 from open_clip.loss import ClipLoss
 from transformers import get_cosine_schedule_with_warmup
 
 from mmqa.data.batch import Batch
+from mmqa.data.recipes import ingredient_names, parse_recipe
 from mmqa.errors import MMQAError
 from mmqa.generate import generate_captions
 from mmqa.metrics import CaptionScores, RetrievalRecall, VQAAccuracy
+from mmqa.metrics.ingredients import HallucinationRate, IngredientScores
 from mmqa.models.mmqa_model import MMQAModel
+from mmqa.recipe import predict_ingredients, write_recipes
 
-TASKS = ("vqa", "caption", "contrastive")
+TASKS = ("vqa", "caption", "contrastive", "ingredients", "recipe")
 
 
 class NonFiniteLossError(MMQAError):
@@ -35,7 +39,12 @@ class LitMMQA(L.LightningModule):
         optim: dict,
         generation: dict,
         max_caption_eval_images: int,
+        ingredients: list[str] = (),
+        recipe: dict | None = None,
     ):
+        """`ingredients`: the ingredient vocabulary (empty without recipe data); `recipe`: the
+        `ingredient_threshold`, `prompt_threshold`, `ban_absent_ingredients` and the recipe `generation`
+        kwargs (conf/train.yaml)."""
         super().__init__()
         unknown = set(loss_weights) - set(TASKS)
         if unknown:
@@ -48,12 +57,23 @@ class LitMMQA(L.LightningModule):
         self.optim = optim
         self.generation = dict(generation)
         self.max_caption_eval_images = max_caption_eval_images
+        self.ingredients = list(ingredients)
+        recipe = dict(recipe or {})
+        self.ingredient_threshold = float(recipe.get("ingredient_threshold", 0.5))
+        self.prompt_threshold = float(recipe.get("prompt_threshold", self.ingredient_threshold))
+        self.ban_absent = bool(recipe.get("ban_absent_ingredients", True))
+        self.recipe_generation = dict(recipe.get("generation", {}))
         self.clip_loss = ClipLoss()
         for split in ("val", "test"):
             setattr(self, f"{split}_vqa", VQAAccuracy(families))
             setattr(self, f"{split}_captions", CaptionScores())
             setattr(self, f"{split}_retrieval", RetrievalRecall())
+            setattr(self, f"{split}_ingredients", IngredientScores())
+            setattr(self, f"{split}_recipe_bleu", CaptionScores())  # of the instructions
+            setattr(self, f"{split}_hallucination", HallucinationRate())
+            setattr(self, f"{split}_recipe_nll", torchmetrics.MeanMetric())  # per recipe token -> perplexity
         self._captioned = 0  # images captioned so far this validation epoch
+        self._recipes_written = 0  # and recipes written
 
     # ----------------------------------------------------------------------------- losses
     def compute_losses(self, batch: Batch) -> tuple[dict[str, torch.Tensor], dict]:
@@ -69,9 +89,15 @@ class LitMMQA(L.LightningModule):
             losses["vqa"] = F.binary_cross_entropy_with_logits(logits, batch.vqa_targets, reduction="sum") / len(logits)
             out["vqa_logits"] = logits
         if batch.num_captions and (w["caption"] > 0 or not self.training):
-            losses["caption"] = m.caption_loss(
-                img, batch.c_img_idx, batch.d_input_ids, batch.d_attention_mask, batch.d_labels
-            )
+            losses["caption"] = m.lm_loss(img, batch.c_img_idx, batch.d_input_ids, batch.d_attention_mask, batch.d_labels)
+        if batch.num_recipes and (w["recipe"] > 0 or not self.training):
+            losses["recipe"] = m.lm_loss(img, batch.r_img_idx, batch.r_input_ids, batch.r_attention_mask, batch.r_labels)
+        if m.ingredient_head is not None and batch.has_ingredients.any() and (w["ingredients"] > 0 or not self.training):
+            logits = m.ingredient_logits(img)[batch.has_ingredients]  # (B', I)
+            target = batch.ingredient_targets[batch.has_ingredients]
+            # summed over the vocabulary, averaged over dishes: the scale of the VQA BCE
+            losses["ingredients"] = F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / len(logits)
+            out["ingredient_probs"] = logits.sigmoid()
         has_caption = batch.clip_caption >= 0  # (B,)
         if has_caption.sum() >= 2 and (w["contrastive"] > 0 or not self.training):
             c = m.encode_text(batch.c_input_ids, batch.c_attention_mask)
@@ -90,6 +116,12 @@ class LitMMQA(L.LightningModule):
     # ----------------------------------------------------------------------------- steps
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         losses, _ = self.compute_losses(batch)
+        if not any(self.loss_weights[k] > 0 for k in losses):
+            on = [k for k, w in self.loss_weights.items() if w > 0]
+            raise MMQAError(
+                f"batch {batch_idx} has no labels for any enabled loss ({', '.join(on)}): this data has "
+                f"{', '.join(sorted(losses)) or 'none of them'}; enable a loss the data has labels for (conf/loss/)"
+            )
         loss = self.total_loss(losses)
         if not torch.isfinite(loss):  # never train through a NaN/inf: stop and say which term broke
             bad = [k for k, v in losses.items() if not torch.isfinite(v)]
@@ -117,17 +149,49 @@ class LitMMQA(L.LightningModule):
                 batch.image_ids, out["img_emb"], batch.image_ids[batch.c_img_idx], out["txt_emb"]
             )
         self._score_captions(batch, out["img"], split)
+        if "recipe" in losses:
+            tokens = (batch.r_labels[:, 1:] != -100).sum()  # GPT-2 predicts labels shifted by one
+            getattr(self, f"{split}_recipe_nll").update(losses["recipe"], weight=tokens)
+        if "ingredient_probs" in out:
+            getattr(self, f"{split}_ingredients").update(
+                out["ingredient_probs"] >= self.ingredient_threshold, batch.ingredient_targets[batch.has_ingredients]
+            )
+            self._score_recipes(batch, out["img"], split)
+
+    def _eval_rows(self, rows: list[int], done: int, split: str) -> list[int]:
+        """The rows still to generate for this epoch: validation stops at `max_caption_eval_images`."""
+        if split != "val":
+            return rows
+        return rows[: max(0, self.max_caption_eval_images - done)]
+
+    def _subset(self, img, rows: list[int]):
+        idx = torch.tensor(rows, device=self.device)
+        return type(img)(tokens=img.tokens[idx], mask=img.mask[idx], pooled=img.pooled[idx])
+
+    def _score_recipes(self, batch: Batch, img, split: str) -> None:
+        """Write recipes from the predicted ingredients: BLEU-4 of the instructions, and the share of
+        recipes naming an ingredient the dish does not show."""
+        rows = self._eval_rows([i for i, r in enumerate(batch.recipes) if r], self._recipes_written, split)
+        if not rows:
+            return
+        self._recipes_written += len(rows)
+        sub = self._subset(img, rows)
+        _, sets = predict_ingredients(self.model, sub, self.ingredients, self.prompt_threshold)
+        vocabulary = self.ingredients if self.ban_absent else None
+        texts = write_recipes(self.model, self.dec_tok, sub, sets, vocabulary, **self.recipe_generation)
+        parsed = [parse_recipe(t) for t in texts]
+        ids = [f"{split}-recipe-{batch.image_ids[i].item()}" for i in rows]
+        refs = [[" ".join(batch.recipes[i]["steps"])] for i in rows]
+        getattr(self, f"{split}_recipe_bleu").update(ids, [" ".join(p["steps"]) for p in parsed], refs)
+        named = [set(ingredient_names(t, self.ingredients)) for t in texts]
+        getattr(self, f"{split}_hallucination").update(named, [set(batch.ingredients[i]) for i in rows])
 
     def _score_captions(self, batch: Batch, img, split: str) -> None:
-        limit = self.max_caption_eval_images if split == "val" else None
-        rows = [i for i, r in enumerate(batch.refs) if r]
-        if limit is not None:
-            rows = rows[: max(0, limit - self._captioned)]
+        rows = self._eval_rows([i for i, r in enumerate(batch.refs) if r], self._captioned, split)
         if not rows:
             return
         self._captioned += len(rows)
-        idx = torch.tensor(rows, device=self.device)
-        sub = type(img)(tokens=img.tokens[idx], mask=img.mask[idx], pooled=img.pooled[idx])
+        sub = self._subset(img, rows)
         hyps = generate_captions(self.model, self.dec_tok, sub, **self.generation)
         ids = [f"{split}-{batch.image_ids[i].item()}" for i in rows]
         getattr(self, f"{split}_captions").update(ids, hyps, [batch.refs[i] for i in rows])
@@ -139,12 +203,23 @@ class LitMMQA(L.LightningModule):
         self._eval_step(batch, "test")
 
     def _epoch_end(self, split: str) -> None:
-        self._captioned = 0
-        for name in ("vqa", "retrieval", "captions"):
+        self._captioned = self._recipes_written = 0
+        for name in ("vqa", "retrieval", "captions", "ingredients"):
             metric = getattr(self, f"{split}_{name}")
             if metric.update_count:
-                self.log_dict({f"{split}/{k}": v for k, v in metric.compute().items()})
+                prefix = f"{split}/ingredient_" if name == "ingredients" else f"{split}/"
+                self.log_dict({prefix + k: v for k, v in metric.compute().items()})
             metric.reset()
+        for name, key in (("recipe_bleu", "recipe_bleu4"), ("hallucination", "recipe_hallucination")):
+            metric = getattr(self, f"{split}_{name}")
+            if metric.update_count:
+                value = metric.compute()
+                self.log(f"{split}/{key}", value["bleu4"] if isinstance(value, dict) else value)
+            metric.reset()
+        nll = getattr(self, f"{split}_recipe_nll")
+        if nll.update_count:
+            self.log(f"{split}/recipe_perplexity", nll.compute().exp())
+        nll.reset()
 
     def on_validation_epoch_end(self) -> None:
         self._epoch_end("val")

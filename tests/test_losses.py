@@ -86,7 +86,7 @@ def test_unknown_loss_term_is_refused(tiny_parts):
     from mmqa.lit_module import LitMMQA
 
     cfg, dm, model, lit, batch = tiny_parts()
-    with pytest.raises(ValueError, match=r"unknown loss term\(s\) \['vqq'\].*valid: \['vqa', 'caption', 'contrastive'\]"):
+    with pytest.raises(ValueError, match=r"unknown loss term\(s\) \['vqq'\].*valid: \['vqa', 'caption', 'contrastive', 'ingredients', 'recipe'\]"):
         LitMMQA(model, lit.answers, [], lit.dec_tok, {"vqq": 1.0}, cfg.optim, cfg.generation, 8)
 
 

@@ -53,7 +53,7 @@ def test_train_py_writes_checkpoints_metrics_and_bundle(fusion, data_dir, tmp_pa
         assert 0 <= metrics[key] <= (1 if "acc" in key or "/r" in key or "bleu" in key else float("inf"))
     bundle = out / "bundle"
     assert {p.name for p in bundle.iterdir()} == {
-        "config.yaml", "tokenizer", "decoder_tokenizer", "answers.json", "model.safetensors"}
+        "config.yaml", "tokenizer", "decoder_tokenizer", "answers.json", "ingredients.json", "model.safetensors"}
     assert not list(out.glob(".bundle*"))  # no temporary folder left behind by the atomic save
 
 

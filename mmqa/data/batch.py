@@ -1,6 +1,6 @@
 """From image records to one multi-task batch. Each image appears once in a batch with all of its
-questions and captions; questions and captions carry the row of their image (`q_img_idx`,
-`c_img_idx`) so the model encodes each image once."""
+questions, captions, ingredients and recipe; questions, captions and recipes carry the row of their
+image (`q_img_idx`, `c_img_idx`, `r_img_idx`) so the model encodes each image once."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import Dataset
 
 from mmqa.data.images import ImageTransform, load_image
+from mmqa.data.recipes import format_recipe, recipe_prompt
 from mmqa.data.records import ImageRecord
 from mmqa.metrics.vqa import soft_scores
 
@@ -30,9 +31,21 @@ class Batch:
     d_attention_mask: torch.Tensor  # (C, Ld)
     d_labels: torch.Tensor  # (C, Ld) d_input_ids with padding positions set to -100
     clip_caption: torch.Tensor  # (B,) caption row paired with each image for the contrastive loss, -1 if none
+    ingredient_targets: torch.Tensor  # (B, I) multi-hot over the ingredient vocabulary
+    has_ingredients: torch.Tensor  # (B,) bool: the image has an ingredient list
+    r_input_ids: torch.Tensor  # (R, Lr) [BOS] prompt [SEP] recipe [EOS], decoder tokens
+    r_attention_mask: torch.Tensor  # (R, Lr)
+    r_labels: torch.Tensor  # (R, Lr) -100 on the prompt and the padding: only the recipe is learnt
+    r_img_idx: torch.Tensor  # (R,) row in `images` of each recipe's image
     q_answers: list[list[str]]  # annotators' answers per question, for VQA accuracy
     q_families: list[str | None]  # family per question, for per-family accuracy
     refs: list[list[str]]  # all captions per image, for BLEU / CIDEr
+    recipes: list[dict | None]  # the recipe of each image, for recipe BLEU and hallucination
+    ingredients: list[list[str]]  # the ingredient names of each image
+
+    @property
+    def num_recipes(self) -> int:
+        return self.r_img_idx.numel()
 
     @property
     def num_questions(self) -> int:
@@ -41,6 +54,12 @@ class Batch:
     @property
     def num_captions(self) -> int:
         return self.c_img_idx.numel()
+
+
+def prompt_ids(tokenizer, prompt: list[int]) -> list[int]:
+    """[BOS] prompt [SEP]: what the decoder reads before a recipe (eos separates where there is no sep)."""
+    sep = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+    return [tokenizer.bos_token_id] + prompt + [sep]
 
 
 class RecordDataset(Dataset):
@@ -70,6 +89,8 @@ class Collator:
         max_caption_length: int,
         max_captions_per_image: int,
         train: bool,
+        ingredients: list[str] = (),
+        max_recipe_length: int = 256,
     ):
         self.text_tok = text_tokenizer
         self.dec_tok = decoder_tokenizer
@@ -78,6 +99,8 @@ class Collator:
         self.max_c = max_caption_length
         self.max_captions = max_captions_per_image
         self.train = train
+        self.ingredient_index = {n: i for i, n in enumerate(ingredients)}
+        self.max_r = max_recipe_length
 
     def _encode_text(self, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not texts:
@@ -86,23 +109,45 @@ class Collator:
         enc = self.text_tok(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
         return enc["input_ids"], enc["attention_mask"]
 
-    def _encode_decoder(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        tok = self.dec_tok
-        pieces = tok(texts, add_special_tokens=False)["input_ids"] if texts else []
-        seqs = [[tok.bos_token_id] + p[: self.max_c - 2] + [tok.eos_token_id] for p in pieces]
+    def _pad(self, seqs: list[list[int]], keep_from: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Right-padded ids, mask and labels; labels are -100 on padding (by position, never by token id:
+        pad may equal eos) and before `keep_from[i]` (a prompt the decoder reads but is not taught)."""
         L = max((len(s) for s in seqs), default=1)
-        ids = torch.full((len(seqs), L), tok.pad_token_id, dtype=torch.long)
+        ids = torch.full((len(seqs), L), self.dec_tok.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(seqs), L), dtype=torch.long)
-        for i, s in enumerate(seqs):
+        labels = torch.full((len(seqs), L), -100, dtype=torch.long)
+        for i, (s, k) in enumerate(zip(seqs, keep_from)):
             ids[i, : len(s)] = torch.tensor(s)
             mask[i, : len(s)] = 1
-        labels = ids.masked_fill(mask == 0, -100)  # padding by position, never by token id (pad may equal eos)
+            labels[i, k : len(s)] = ids[i, k : len(s)]
         return ids, mask, labels
+
+    def _pieces(self, texts: list[str]) -> list[list[int]]:
+        return self.dec_tok(texts, add_special_tokens=False)["input_ids"] if texts else []
+
+    def _encode_decoder(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        tok = self.dec_tok
+        seqs = [[tok.bos_token_id] + p[: self.max_c - 2] + [tok.eos_token_id] for p in self._pieces(texts)]
+        return self._pad(seqs, [0] * len(seqs))
+
+    def _encode_recipes(self, prompts: list[str], texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        heads = [prompt_ids(self.dec_tok, p) for p in self._pieces(prompts)]
+        seqs = [h + (t + [self.dec_tok.eos_token_id])[: max(1, self.max_r - len(h))] for h, t in zip(heads, self._pieces(texts))]
+        return self._pad(seqs, [len(h) for h in heads])
 
     def __call__(self, items: list[tuple[int, torch.Tensor, ImageRecord]]) -> Batch:
         questions, q_img, answers, families, targets = [], [], [], [], []
         captions, c_img, clip_caption, refs = [], [], [], []
+        prompts, recipe_texts, r_img = [], [], []
+        ing_targets = torch.zeros(len(items), len(self.ingredient_index))
         for row, (_, _, rec) in enumerate(items):
+            for name in rec.ingredients:
+                if name in self.ingredient_index:
+                    ing_targets[row, self.ingredient_index[name]] = 1.0
+            if rec.recipe is not None:
+                prompts.append(recipe_prompt(rec.ingredients))
+                recipe_texts.append(format_recipe(rec.recipe))
+                r_img.append(row)
             for qa in rec.questions:
                 questions.append(qa.question)
                 q_img.append(row)
@@ -123,6 +168,7 @@ class Collator:
         q_ids, q_mask = self._encode_text(questions, self.max_q)
         c_ids, c_mask = self._encode_text(captions, self.max_c)
         d_ids, d_mask, d_labels = self._encode_decoder(captions)
+        r_ids, r_mask, r_labels = self._encode_recipes(prompts, recipe_texts)
         K = len(self.answer_index)
         return Batch(
             images=torch.stack([x for _, x, _ in items]),
@@ -138,7 +184,15 @@ class Collator:
             d_attention_mask=d_mask,
             d_labels=d_labels,
             clip_caption=torch.tensor(clip_caption, dtype=torch.long),
+            ingredient_targets=ing_targets,
+            has_ingredients=torch.tensor([bool(rec.ingredients) for _, _, rec in items], dtype=torch.bool),
+            r_input_ids=r_ids,
+            r_attention_mask=r_mask,
+            r_labels=r_labels,
+            r_img_idx=torch.tensor(r_img, dtype=torch.long),
             q_answers=answers,
             q_families=families,
             refs=refs,
+            recipes=[rec.recipe for _, _, rec in items],
+            ingredients=[list(rec.ingredients) for _, _, rec in items],
         )

@@ -68,11 +68,17 @@ class CaptionDecoder(nn.Module):
         return out.loss
 
     @torch.no_grad()
-    def generate(self, context: torch.Tensor, prompt_ids: torch.Tensor, **generate_kwargs) -> torch.Tensor:
-        """context (B, N, Dc), prompt_ids (B, P) -> generated ids (B, P + new)."""
+    def generate(
+        self,
+        context: torch.Tensor,
+        prompt_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        **generate_kwargs,
+    ) -> torch.Tensor:
+        """context (B, N, Dc), prompt_ids (B, P), left-padded where the mask (B, P) is 0 -> ids (B, P + new)."""
         return self.gpt2.generate(
             input_ids=prompt_ids,
-            attention_mask=torch.ones_like(prompt_ids),
+            attention_mask=torch.ones_like(prompt_ids) if attention_mask is None else attention_mask,
             encoder_hidden_states=self.context_proj(context),
             pad_token_id=self.gpt2.config.pad_token_id,
             eos_token_id=self.gpt2.config.eos_token_id,

@@ -1,5 +1,5 @@
-"""Task heads on top of the encoders and the fusion: the VQA answer classifier and the CLIP-style
-contrastive projections."""
+"""Task heads on top of the encoders and the fusion: the VQA answer classifier, the multi-label
+ingredient classifier (recipes) and the CLIP-style contrastive projections."""
 
 from __future__ import annotations
 
@@ -22,6 +22,24 @@ class VQAHead(nn.Module):
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:  # (Q, D) -> (Q, K)
         return self.net(pooled)
+
+
+class IngredientHead(nn.Module):
+    """Scores every ingredient of the vocabulary from the image alone, as a set (one sigmoid each,
+    BCE), the way Inverse Cooking predicts ingredients before it writes the instructions. Each patch
+    token scores every ingredient and the image keeps each ingredient's best patch (multiple-instance
+    pooling): an ingredient is present when some patch shows it, however small it is."""
+
+    def __init__(self, dim: int, num_ingredients: int, mlp_ratio: float, dropout: float):
+        super().__init__()
+        hidden = int(dim * mlp_ratio)
+        self.net = nn.Sequential(
+            nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, num_ingredients)
+        )
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # (B, N, D), (B, N) -> (B, I)
+        scores = self.net(tokens)  # (B, N, I)
+        return scores.masked_fill(~mask[..., None], float("-inf")).amax(1)
 
 
 class ContrastiveHead(nn.Module):

@@ -1,5 +1,6 @@
 """The assembled multi-task model: image encoder + text encoder -> fusion -> VQA head; pooled
-vectors -> contrastive projections; image tokens -> GPT-2 decoder.
+vectors -> contrastive projections; image tokens -> GPT-2 decoder (captions, recipes); image ->
+ingredient head (recipes; only when the data has an ingredient vocabulary).
 
 Images are encoded once per batch; questions and captions carry the index of their image
 (`q_img_idx`, `c_img_idx`) and gather its tokens, so the image tower's cost does not grow with the
@@ -12,7 +13,7 @@ import torch
 from torch import nn
 
 from mmqa.models.decoder import CaptionDecoder
-from mmqa.models.heads import ContrastiveHead, VQAHead
+from mmqa.models.heads import ContrastiveHead, IngredientHead, VQAHead
 from mmqa.models.outputs import EncoderOutput, FusionOutput
 
 
@@ -33,6 +34,7 @@ class MMQAModel(nn.Module):
         head_mlp_ratio: float,
         dropout: float,
         init_temperature: float,
+        num_ingredients: int = 0,
     ):
         super().__init__()
         self.image_encoder = image_encoder
@@ -44,6 +46,7 @@ class MMQAModel(nn.Module):
         self.vqa_head = VQAHead(dim, num_answers, head_mlp_ratio, dropout)
         self.contrastive = ContrastiveHead(dim, dim, embed_dim, init_temperature)
         self.decoder = decoder
+        self.ingredient_head = IngredientHead(dim, num_ingredients, head_mlp_ratio, dropout) if num_ingredients else None
 
     @property
     def grid(self) -> int:
@@ -66,21 +69,28 @@ class MMQAModel(nn.Module):
         fused = self.fusion(img.tokens, img.mask, question.tokens, question.mask, q_img_idx, return_attention)
         return self.vqa_head(fused.pooled), fused  # (Q, K)
 
+    def ingredient_logits(self, img: EncoderOutput) -> torch.Tensor:  # -> (B, I)
+        if self.ingredient_head is None:
+            raise ValueError("this model has no ingredient head: it was built without an ingredient vocabulary")
+        return self.ingredient_head(img.tokens, img.mask)
+
     def embed_image(self, img: EncoderOutput) -> torch.Tensor:  # -> (B, E) unit norm
         return self.contrastive.embed_image(img.pooled)
 
     def embed_text(self, text: EncoderOutput) -> torch.Tensor:  # -> (T, E) unit norm
         return self.contrastive.embed_text(text.pooled)
 
-    def caption_loss(
+    def lm_loss(
         self,
         img: EncoderOutput,
-        c_img_idx: torch.Tensor,  # (C,)
+        c_img_idx: torch.Tensor,  # (C,) image row of each text (caption or recipe)
         input_ids: torch.Tensor,  # (C, L)
         attention_mask: torch.Tensor,  # (C, L)
         labels: torch.Tensor,  # (C, L), -100 on padding
     ) -> torch.Tensor:
         return self.decoder.loss(img.tokens[c_img_idx], input_ids, attention_mask, labels)
 
-    def generate(self, img: EncoderOutput, prompt_ids: torch.Tensor, **generate_kwargs) -> torch.Tensor:
-        return self.decoder.generate(img.tokens, prompt_ids, **generate_kwargs)  # (B, P + new)
+    def generate(
+        self, img: EncoderOutput, prompt_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **generate_kwargs
+    ) -> torch.Tensor:
+        return self.decoder.generate(img.tokens, prompt_ids, attention_mask, **generate_kwargs)  # (B, P + new)
