@@ -119,3 +119,12 @@ def test_a_nan_loss_stops_training_and_names_the_term(tiny_parts, monkeypatch):
     monkeypatch.setattr(model.vqa_head, "forward", lambda pooled: head(pooled) * float("nan"))
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 0 \(batch 3\): vqa=nan; lower optim.lr"):
         lit.training_step(batch, 3)
+
+
+def test_a_batch_without_labels_for_any_enabled_loss_is_a_clear_error(tiny_parts):
+    from mmqa.errors import MMQAError
+
+    cfg, dm, model, lit, batch = tiny_parts("loss.vqa=0", "loss.caption=0", "loss.contrastive=0", "loss.recipe=1")
+    lit.train()
+    with pytest.raises(MMQAError, match=r"batch 3 has no labels for any enabled loss \(ingredients, recipe\): this data has none of them; enable a loss"):
+        lit.training_step(batch, 3)
