@@ -27,7 +27,7 @@ from mmqa.errors import MMQAError
 from mmqa.data.recipes import parse_recipe
 from mmqa.generate import generate_captions
 from mmqa.models.mmqa_model import MMQAModel
-from mmqa.recipe import predict_ingredients, write_recipes
+from mmqa.recipe import RecipeSettings, predict_ingredients, write_recipes
 
 WEIGHTS = "model.safetensors"
 
@@ -175,15 +175,16 @@ class Bundle:
         `ingredients`). `threshold` defaults to the training config's `recipe.prompt_threshold`;
         `generate_kwargs` go to transformers' `generate` (a `streamer` too)."""
         self._require_recipes()
-        rcfg = self.cfg.get("recipe") or {}
-        if threshold is None:
-            threshold = float(rcfg.get("prompt_threshold", rcfg.get("ingredient_threshold", 0.5)))
+        settings = RecipeSettings.of(self.cfg.get("recipe"))
         img = self.model.encode_images(self._images([image]))
-        probs, sets = predict_ingredients(self.model, img, self.ingredients, threshold)
+        probs, sets = predict_ingredients(
+            self.model, img, self.ingredients, settings.prompt_threshold if threshold is None else threshold
+        )
         used = sorted(ingredients) if ingredients is not None else sets[0]
-        kwargs = {**OmegaConf.to_container(rcfg.get("generation") or OmegaConf.create({})), **generate_kwargs}
-        vocabulary = self.ingredients if rcfg.get("ban_absent_ingredients", True) else None
-        text = write_recipes(self.model, self.decoder_tokenizer, img, [used], vocabulary, **kwargs)[0]
+        kwargs = {**settings.generation, **generate_kwargs}
+        text = write_recipes(
+            self.model, self.decoder_tokenizer, img, [used], settings.banned_from(self.ingredients), **kwargs
+        )[0]
         parsed = parse_recipe(text)
         return Recipe(self._ranked(probs[0]), used, text, parsed["title"], parsed["ingredients"], parsed["steps"])
 

@@ -19,9 +19,19 @@ from mmqa.generate import generate_captions
 from mmqa.metrics import CaptionScores, RetrievalRecall, VQAAccuracy
 from mmqa.metrics.ingredients import HallucinationRate, IngredientScores
 from mmqa.models.mmqa_model import MMQAModel
-from mmqa.recipe import predict_ingredients, write_recipes
+from mmqa.recipe import RecipeSettings, predict_ingredients, write_recipes
 
 TASKS = ("vqa", "caption", "contrastive", "ingredients", "recipe")
+# each epoch metric (attribute `<split>_<name>`) -> the keys logged under "<split>/" from its value
+EPOCH_METRICS = {
+    "vqa": dict,
+    "retrieval": dict,
+    "captions": dict,
+    "ingredients": lambda v: {f"ingredient_{k}": x for k, x in v.items()},
+    "recipe_bleu": lambda v: {"recipe_bleu4": v["bleu4"]},  # of the instructions
+    "hallucination": lambda v: {"recipe_hallucination": v},
+    "recipe_nll": lambda v: {"recipe_perplexity": v.exp()},  # mean NLL per recipe token
+}
 
 
 class NonFiniteLossError(MMQAError):
@@ -58,11 +68,7 @@ class LitMMQA(L.LightningModule):
         self.generation = dict(generation)
         self.max_caption_eval_images = max_caption_eval_images
         self.ingredients = list(ingredients)
-        recipe = dict(recipe or {})
-        self.ingredient_threshold = float(recipe.get("ingredient_threshold", 0.5))
-        self.prompt_threshold = float(recipe.get("prompt_threshold", self.ingredient_threshold))
-        self.ban_absent = bool(recipe.get("ban_absent_ingredients", True))
-        self.recipe_generation = dict(recipe.get("generation", {}))
+        self.recipe = RecipeSettings.of(recipe)
         self.clip_loss = ClipLoss()
         for split in ("val", "test"):
             setattr(self, f"{split}_vqa", VQAAccuracy(families))
@@ -97,7 +103,7 @@ class LitMMQA(L.LightningModule):
             target = batch.ingredient_targets[batch.has_ingredients]
             # summed over the vocabulary, averaged over dishes: the scale of the VQA BCE
             losses["ingredients"] = F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / len(logits)
-            out["ingredient_probs"] = logits.sigmoid()
+            out["ingredient_probs"], out["ingredient_targets"] = logits.sigmoid(), target
         has_caption = batch.clip_caption >= 0  # (B,)
         if has_caption.sum() >= 2 and (w["contrastive"] > 0 or not self.training):
             c = m.encode_text(batch.c_input_ids, batch.c_attention_mask)
@@ -154,7 +160,7 @@ class LitMMQA(L.LightningModule):
             getattr(self, f"{split}_recipe_nll").update(losses["recipe"], weight=tokens)
         if "ingredient_probs" in out:
             getattr(self, f"{split}_ingredients").update(
-                out["ingredient_probs"] >= self.ingredient_threshold, batch.ingredient_targets[batch.has_ingredients]
+                out["ingredient_probs"] >= self.recipe.ingredient_threshold, out["ingredient_targets"]
             )
             self._score_recipes(batch, out["img"], split)
 
@@ -176,9 +182,9 @@ class LitMMQA(L.LightningModule):
             return
         self._recipes_written += len(rows)
         sub = self._subset(img, rows)
-        _, sets = predict_ingredients(self.model, sub, self.ingredients, self.prompt_threshold)
-        vocabulary = self.ingredients if self.ban_absent else None
-        texts = write_recipes(self.model, self.dec_tok, sub, sets, vocabulary, **self.recipe_generation)
+        _, sets = predict_ingredients(self.model, sub, self.ingredients, self.recipe.prompt_threshold)
+        banned = self.recipe.banned_from(self.ingredients)
+        texts = write_recipes(self.model, self.dec_tok, sub, sets, banned, **self.recipe.generation)
         parsed = [parse_recipe(t) for t in texts]
         ids = [f"{split}-recipe-{batch.image_ids[i].item()}" for i in rows]
         refs = [[" ".join(batch.recipes[i]["steps"])] for i in rows]
@@ -204,22 +210,11 @@ class LitMMQA(L.LightningModule):
 
     def _epoch_end(self, split: str) -> None:
         self._captioned = self._recipes_written = 0
-        for name in ("vqa", "retrieval", "captions", "ingredients"):
+        for name, logged in EPOCH_METRICS.items():
             metric = getattr(self, f"{split}_{name}")
             if metric.update_count:
-                prefix = f"{split}/ingredient_" if name == "ingredients" else f"{split}/"
-                self.log_dict({prefix + k: v for k, v in metric.compute().items()})
+                self.log_dict({f"{split}/{k}": v for k, v in logged(metric.compute()).items()})
             metric.reset()
-        for name, key in (("recipe_bleu", "recipe_bleu4"), ("hallucination", "recipe_hallucination")):
-            metric = getattr(self, f"{split}_{name}")
-            if metric.update_count:
-                value = metric.compute()
-                self.log(f"{split}/{key}", value["bleu4"] if isinstance(value, dict) else value)
-            metric.reset()
-        nll = getattr(self, f"{split}_recipe_nll")
-        if nll.update_count:
-            self.log(f"{split}/recipe_perplexity", nll.compute().exp())
-        nll.reset()
 
     def on_validation_epoch_end(self) -> None:
         self._epoch_end("val")

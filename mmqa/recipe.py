@@ -18,13 +18,43 @@ choice.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
+import torch.nn.functional as F
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from mmqa.data.batch import prompt_ids
 from mmqa.data.recipes import recipe_prompt
 from mmqa.models.mmqa_model import MMQAModel
 from mmqa.models.outputs import EncoderOutput
+
+
+@dataclass
+class RecipeSettings:
+    """The `recipe` section of conf/train.yaml, with the defaults a config written before a key
+    existed gets; the LightningModule and `Bundle.recipe` both read it through `of`."""
+
+    ingredient_threshold: float = 0.5  # the set scored by ingredient P/R/F1/IoU
+    prompt_threshold: float | None = None  # the set a recipe is written with; None: ingredient_threshold
+    ban_absent_ingredients: bool = True
+    generation: dict = field(default_factory=dict)  # transformers `generate` kwargs
+
+    @classmethod
+    def of(cls, section) -> RecipeSettings:
+        s = dict(section or {})
+        threshold = float(s.get("ingredient_threshold", cls.ingredient_threshold))
+        prompt = s.get("prompt_threshold")
+        return cls(
+            ingredient_threshold=threshold,
+            prompt_threshold=threshold if prompt is None else float(prompt),
+            ban_absent_ingredients=bool(s.get("ban_absent_ingredients", True)),
+            generation=dict(s.get("generation") or {}),
+        )
+
+    def banned_from(self, vocabulary: list[str]) -> list[str] | None:
+        """`write_recipes`' vocabulary: the ingredients a recipe may not name outside its set, or None."""
+        return vocabulary if self.ban_absent_ingredients else None
 
 
 @torch.no_grad()
@@ -58,18 +88,24 @@ class BanAbsentIngredients(LogitsProcessor):
             return {tuple(tokenizer(f, add_special_tokens=False)["input_ids"]) for s in spellings(name) for f in (s, " " + s)}
 
         forms = {n: pieces(n) for n in vocabulary}
-        self.banned = []  # per row: token sequences
-        for chosen in sets:
+        self.single = torch.zeros(len(sets), len(tokenizer), dtype=torch.bool)  # (S, V) banned outright
+        self.multi = []  # per set: the longer sequences, whose last token is banned after the others
+        for i, chosen in enumerate(sets):
             allowed = {t for n in chosen for seq in forms.get(n, ()) for t in seq}
             seqs = {seq for n in vocabulary if n not in chosen for seq in forms[n] if seq}
-            self.banned.append([seq for seq in seqs if not (len(seq) == 1 and seq[0] in allowed)])
+            self.single[i, [s[0] for s in seqs if len(s) == 1 and s[0] not in allowed]] = True
+            self.multi.append([s for s in seqs if len(s) > 1])
         self.num_beams = num_beams
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:  # (R, V)
+        rows = torch.arange(scores.shape[0]) // self.num_beams  # (R,) the set of each row
+        banned = self.single[rows, : scores.shape[1]]  # (R, V'): a model vocabulary may be wider than the tokenizer's
+        banned = F.pad(banned, (0, scores.shape[1] - banned.shape[1]))
+        scores = scores.masked_fill(banned.to(scores.device), float("-inf"))
         for r in range(scores.shape[0]):
-            for seq in self.banned[r // self.num_beams]:
+            for seq in self.multi[rows[r]]:
                 n = len(seq) - 1
-                if n == 0 or (input_ids.shape[1] >= n and input_ids[r, -n:].tolist() == list(seq[:-1])):
+                if input_ids.shape[1] >= n and input_ids[r, -n:].tolist() == list(seq[:-1]):
                     scores[r, seq[-1]] = float("-inf")
         return scores
 

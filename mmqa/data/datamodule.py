@@ -24,10 +24,14 @@ from mmqa.metrics.vqa import normalize_answer
 SPLITS = ("train", "val", "test")
 
 
+def most_frequent(counts: Counter, top_k: int) -> list[str]:
+    """The `top_k` most frequent keys, most frequent first, ties broken alphabetically."""
+    return [k for k, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top_k]]
+
+
 def build_answer_vocab(records: list[ImageRecord], top_k: int) -> list[str]:
     """The `top_k` most frequent normalised answers of the training split (ties broken alphabetically)."""
-    counts = Counter(normalize_answer(a) for r in records for qa in r.questions for a in qa.answers)
-    return [a for a, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top_k]]
+    return most_frequent(Counter(normalize_answer(a) for r in records for qa in r.questions for a in qa.answers), top_k)
 
 
 class EpochOrder(Sampler[int]):
@@ -170,7 +174,7 @@ class MMQADataModule(L.LightningDataModule):
         """The `ingredient_top_k` most frequent ingredient names of the training split (Recipe1M has
         thousands), sorted by name; empty for data without ingredients."""
         counts = Counter(name for r in self.load_records()["train"] for name in r.ingredients)
-        return sorted(n for n, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[: self.ingredient_top_k])
+        return sorted(most_frequent(counts, self.ingredient_top_k))
 
     def attach(self, text_tokenizer, decoder_tokenizer, answers: list[str], ingredients: list[str] = ()) -> None:
         """Give the module what the model side decides: tokenizers, answer and ingredient vocabularies."""
