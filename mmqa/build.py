@@ -22,7 +22,9 @@ def build_tokenizers(model_cfg: DictConfig, tokenizer_cfg: DictConfig, texts: It
             trained = train_tokenizer(texts, tokenizer_cfg.vocab_size, tokenizer_cfg.min_frequency)
         return trained
 
-    text_src = model_cfg.text_encoder.get("pretrained")
+    # a `tokenizer` key (open_clip text towers) names the tokenizer apart from the weights
+    text_cfg = model_cfg.text_encoder
+    text_src = text_cfg.tokenizer if "tokenizer" in text_cfg else text_cfg.get("pretrained")
     dec_src = model_cfg.decoder.get("pretrained")
     text_tok = load_tokenizer(text_src) if text_src else fitted()
     dec_tok = load_tokenizer(dec_src) if dec_src else fitted()

@@ -100,22 +100,80 @@ def test_real_minilm_text_encoder_works_offline(data_dir, tmp_path):
     assert cos(emb[0:1], other[0:1]) > cos(emb[0:1], other[1:2]) + 0.2
 
 
-def test_open_clip_visual_tower_loads_a_local_weights_file(tmp_path):
+def save_tiny_clip(folder, name: str):
+    """A tiny open_clip CLIP registered as `name` (a model config like open_clip's own), its weights
+    saved to folder/tiny.safetensors; returns the model."""
     import json
 
     import open_clip
 
-    from mmqa.models.image_encoders import OpenClipImageEncoder
-
     config = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8,
                                               "head_width": 16},
               "text_cfg": {"context_length": 16, "vocab_size": 100, "width": 32, "heads": 2, "layers": 1}}
-    (tmp_path / "mmqa-tiny-clip.json").write_text(json.dumps(config))
-    open_clip.add_model_config(tmp_path)
-    ref = open_clip.create_model("mmqa-tiny-clip")
-    save_file(ref.state_dict(), tmp_path / "tiny.safetensors")
+    (folder / f"{name}.json").write_text(json.dumps(config))
+    open_clip.add_model_config(folder)
+    torch.manual_seed(0)
+    model = open_clip.create_model(name)
+    save_file(model.state_dict(), folder / "tiny.safetensors")
+    return model
+
+
+def test_open_clip_visual_tower_loads_a_local_weights_file(tmp_path):
+    from mmqa.models.image_encoders import OpenClipImageEncoder
+
+    ref = save_tiny_clip(tmp_path, "mmqa-tiny-clip")
     enc = OpenClipImageEncoder("mmqa-tiny-clip", pretrained=str(tmp_path / "tiny.safetensors"))
     assert torch.equal(enc.visual.conv1.weight, ref.visual.conv1.weight)
     out = enc(torch.randn(2, 3, 32, 32))
     assert out.tokens.shape == (2, 16, 32) and enc.grid == 4 and enc.out_dim == 32
     assert torch.allclose(out.pooled, out.tokens.mean(1))
+
+
+def test_open_clip_text_tower_loads_a_local_weights_file_and_reads_padded_text(tmp_path):
+    """A causal CLIP text tower by name + weights file: the weights are the saved ones, and a text gives
+    the same tokens alone and in a padded batch (the adapter pads to open_clip's context itself)."""
+    from mmqa.models.text_encoders import OpenClipTextEncoder
+
+    ref = save_tiny_clip(tmp_path, "mmqa-tiny-clip-text")
+    enc = OpenClipTextEncoder(name="mmqa-tiny-clip-text", pretrained=str(tmp_path / "tiny.safetensors")).eval()
+    assert torch.equal(enc.text.token_embedding.weight, ref.token_embedding.weight)
+    assert enc.causal and enc.out_dim == 32
+    ids = torch.tensor([[1, 7, 9, 99, 0, 0], [1, 5, 6, 8, 4, 99]])
+    mask = (ids != 0).long()
+    mask[0, 0] = 1
+    with torch.no_grad():
+        out = enc(ids, mask)
+        alone = enc(ids[:1, :4], mask[:1, :4])
+    assert out.tokens.shape == (2, 6, 32)
+    assert torch.allclose(out.tokens[0, :4], alone.tokens[0], atol=1e-5)
+    assert torch.allclose(out.pooled[0], alone.pooled[0], atol=1e-5)  # padding is outside the mean
+
+
+def test_open_clip_text_tower_from_config_trains_in_the_model(data_dir, tmp_path):
+    """model/text_encoder=open_clip: a small bidirectional tower built from the config, with the fitted
+    tokenizer; padding does not change a text's tokens, and the VQA loss reaches the tower."""
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        overrides = [o for o in TINY if not o.startswith("model.text_encoder.")]
+        cfg = compose("train", [*overrides, "model/text_encoder=open_clip", *path_overrides(data_dir, tmp_path)])
+    text_tok, dec_tok = build_tokenizers(cfg.model, cfg.tokenizer, ["what colour is the red circle?", "a red circle"])
+    assert text_tok is dec_tok  # no pretrained tokenizer: one fitted to the text
+    model = build_model(cfg.model, 4, text_tok, dec_tok)
+    enc = model.text_encoder
+    assert type(enc).__name__ == "OpenClipTextEncoder" and not enc.causal
+    model.eval()
+    short = text_tok(["a red circle"], return_tensors="pt")
+    padded = text_tok(["a red circle", "what colour is the red circle?"], padding=True, return_tensors="pt")
+    n = short["input_ids"].shape[1]
+    assert padded["input_ids"].shape[1] > n
+    with torch.no_grad():
+        a = enc(short["input_ids"], short["attention_mask"]).tokens
+        b = enc(padded["input_ids"], padded["attention_mask"]).tokens
+    assert torch.allclose(a[0], b[0, :n], atol=1e-5)
+    model.train()
+    img = model.encode_images(torch.randn(2, 3, cfg.data.image_size, cfg.data.image_size))
+    question = model.encode_text(padded["input_ids"], padded["attention_mask"])
+    logits, _ = model.answer_logits(img, torch.tensor([0, 1]), question)
+    assert logits.shape == (2, 4)
+    logits.sum().backward()
+    grad = enc.text.token_embedding.weight.grad
+    assert grad is not None and grad.abs().sum() > 0

@@ -1,11 +1,14 @@
 """Text encoder adapters behind one contract: `forward(input_ids, attention_mask) -> EncoderOutput`
 and `out_dim`. The transformers backend builds a small BERT from the config numbers (randomly
 initialised, paired with a tokenizer trained on the training text) or loads any pretrained encoder
-by name or path through `AutoModel.from_pretrained` (e.g. all-MiniLM-L6-v2, shipped offline)."""
+by name or path through `AutoModel.from_pretrained` (e.g. all-MiniLM-L6-v2, shipped offline). The
+open_clip backend is open_clip's text tower (`TextTransformer`), built from the config numbers or
+taken from any open_clip model, with pretrained weights optional."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, BertConfig
 
@@ -49,5 +52,70 @@ class HFTextEncoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> EncoderOutput:  # (B, T) each
         tokens = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, D)
+        mask = attention_mask.bool()
+        return EncoderOutput(tokens=tokens, mask=mask, pooled=masked_mean(tokens, mask))
+
+
+class OpenClipTextEncoder(nn.Module):
+    """open_clip's text tower. With `name`, the tower of that open_clip model (e.g. ViT-B-32): random,
+    or with `pretrained` an open_clip tag or a local weights file. It is causal, as CLIP trained it,
+    so inputs are padded to its context length; its vocabulary is open_clip's BPE, so `tokenizer`
+    (the model config's key, read by `mmqa.build`) should name an HF tokenizer with the same ids (for
+    OpenAI-CLIP towers, a local copy of openai/clip-vit-base-patch32's tokenizer). Without `name`, a
+    tower is built from the numbers here, bidirectional with padding masked (`pad_id`: the fitted
+    tokenizer's [PAD] is 0). Tokens are those after open_clip's final LayerNorm; `pooled` is their
+    masked mean, as in the transformers backend."""
+
+    def __init__(
+        self,
+        vocab_size: int | None = None,
+        width: int | None = None,
+        depth: int | None = None,
+        heads: int | None = None,
+        mlp_ratio: float | None = None,
+        max_length: int | None = None,
+        pad_id: int = 0,
+        name: str | None = None,
+        pretrained: str | None = None,
+        tokenizer: str | None = None,
+    ):
+        super().__init__()
+        if name:
+            import open_clip  # only needed for this backend
+
+            model = load_pretrained(
+                pretrained or f"{name} (random init)",
+                "open_clip text tower",
+                lambda _: open_clip.create_model(name, pretrained=pretrained or None, force_custom_text=True),
+            )
+            self.text = model.text
+            if not hasattr(self.text, "output_tokens"):
+                raise ValueError(f"open_clip model '{name}' has no open_clip TextTransformer text tower")
+        else:
+            from open_clip.transformer import TextTransformer
+
+            self.text = TextTransformer(
+                context_length=max_length,
+                vocab_size=vocab_size,
+                width=width,
+                heads=heads,
+                layers=depth,
+                mlp_ratio=mlp_ratio,
+                output_dim=0,  # no CLIP projection: the fusion reads the tokens
+                no_causal_mask=True,
+                use_pad_mask=True,
+                pad_id=pad_id,
+                pool_type="none",
+            )
+        self.text.output_tokens = True
+        self.causal = self.text.attn_mask is not None
+        self.out_dim = self.text.transformer.width
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> EncoderOutput:  # (B, T) each
+        length = input_ids.shape[1]
+        if self.causal:  # open_clip's causal mask spans the whole context: pad to it (after the text, so unseen)
+            input_ids = F.pad(input_ids, (0, self.text.num_pos - length), value=self.text.pad_id)
+        _, tokens = self.text(input_ids)  # (B, T', D)
+        tokens = tokens[:, :length]  # (B, T, D)
         mask = attention_mask.bool()
         return EncoderOutput(tokens=tokens, mask=mask, pooled=masked_mean(tokens, mask))
