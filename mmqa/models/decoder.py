@@ -50,6 +50,7 @@ class CaptionDecoder(nn.Module):
                 pad_token_id=pad_token_id,
             )
             self.gpt2 = GPT2LMHeadModel._from_config(config, attn_implementation="sdpa")
+        self.gpt2.loss_type = "ForCausalLM"  # GPT-2's shifted LM loss, named (transformers cannot tell it from the class name)
         self.context_proj = nn.Linear(context_dim, self.gpt2.config.n_embd)
 
     def loss(
