@@ -74,7 +74,7 @@ class LitMMQA(L.LightningModule):
             setattr(self, f"{split}_vqa", VQAAccuracy(families))
             setattr(self, f"{split}_captions", CaptionScores())
             setattr(self, f"{split}_retrieval", RetrievalRecall())
-            setattr(self, f"{split}_ingredients", IngredientScores())
+            setattr(self, f"{split}_ingredients", IngredientScores(self.recipe.ingredient_threshold))
             setattr(self, f"{split}_recipe_bleu", CaptionScores())  # of the instructions
             setattr(self, f"{split}_hallucination", HallucinationRate())
             setattr(self, f"{split}_recipe_nll", torchmetrics.MeanMetric())  # per recipe token -> perplexity
@@ -159,9 +159,7 @@ class LitMMQA(L.LightningModule):
             tokens = (batch.r_labels[:, 1:] != -100).sum()  # GPT-2 predicts labels shifted by one
             getattr(self, f"{split}_recipe_nll").update(losses["recipe"], weight=tokens)
         if "ingredient_probs" in out:
-            getattr(self, f"{split}_ingredients").update(
-                out["ingredient_probs"] >= self.recipe.ingredient_threshold, out["ingredient_targets"]
-            )
+            getattr(self, f"{split}_ingredients").update(out["ingredient_probs"], out["ingredient_targets"])
             self._score_recipes(batch, out["img"], split)
 
     def _eval_rows(self, rows: list[int], done: int, split: str) -> list[int]:

@@ -243,3 +243,28 @@ def test_retrieval_metric_deduplicates_images_across_ranks():
     metric.update(torch.tensor([1]), torch.eye(3)[:1], torch.tensor([2]), _TXT[:1])
     with pytest.raises(ValueError, match=r"never passed as images: \[2\]"):
         metric.compute()
+
+
+def test_breakdown_groups_by_family_and_phrasing_and_tabulates_confusion(tmp_path):
+    """mmqa.breakdown on hand-made records with a fake answerer: accuracies by hand, confusion counts."""
+    from PIL import Image
+
+    from mmqa.breakdown import breakdown
+    from mmqa.data.records import QA, ImageRecord
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    questions = [
+        QA("what shape is the red object?", ["circle"], "attribute"),
+        QA("what shape is the blue object?", ["square"], "attribute"),
+        QA("what colour is the circle?", ["red"], "attribute"),
+        QA("is there a circle?", ["yes"], "existence"),
+    ]
+    given = {"what shape is the red object?": "square", "what shape is the blue object?": "square",
+             "what colour is the circle?": "red", "is there a circle?": "no"}
+    records = [ImageRecord(tmp_path / "a.png", "a", questions), ImageRecord(tmp_path / "a.png", "b", [])]
+    groups, confused = breakdown(records, lambda image, q: given[q], words=3, confusion="attribute")
+    assert groups["attribute"] == (2 / 3, 3)
+    assert groups["attribute: what shape is"] == (0.5, 2)
+    assert groups["attribute: what colour is"] == (1.0, 1)
+    assert groups["existence"] == (0.0, 1)
+    assert confused == {"circle": {"square": 1}, "red": {"red": 1}, "square": {"square": 1}}

@@ -35,10 +35,21 @@ def test_ingredient_scores_match_hand_computed_values():
     metric = IngredientScores()
     metric.update(torch.tensor([[1, 1, 0], [0, 0, 1]]), torch.tensor([[1, 0, 1], [0, 0, 1]]))
     got = {k: round(v.item(), 6) for k, v in metric.compute().items()}
-    assert got == {"precision": round(2 / 3, 6), "recall": round(2 / 3, 6), "f1": round(4 / 6, 6), "iou": 0.5}
+    assert got == {"precision": round(2 / 3, 6), "recall": round(2 / 3, 6), "f1": round(4 / 6, 6), "iou": 0.5,
+                   "best_f1": round(4 / 6, 6), "best_threshold": 0.5}  # a set scores the same at every threshold
     assert ingredient_scores(0, 0, 0) == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "iou": 0.0}
     with pytest.raises(ValueError, match="one shape"):
         metric.update(torch.ones(2, 3), torch.ones(2, 4))
+
+
+def test_ingredient_scores_find_the_best_threshold_of_the_grid():
+    probs, truth = torch.tensor([[0.9, 0.4, 0.2], [0.1, 0.3, 0.6]]), torch.tensor([[1, 0, 1], [0, 0, 1]])
+    metric = IngredientScores(threshold=0.7)
+    metric.update(probs, truth)
+    got = {k: round(v.item(), 6) for k, v in metric.compute().items()}
+    # at 0.7: {0}, {} -> tp 1, fn 2, F1 0.5; at 0.45 to 0.6: {0}, {2} -> tp 2, fn 1, F1 0.8 (0.6 is nearest 0.7);
+    # at 0.2: {0, 1, 2}, {1, 2} -> tp 3, fp 2, F1 0.75
+    assert (got["f1"], got["recall"], got["best_f1"], got["best_threshold"]) == (0.5, round(1 / 3, 6), 0.8, 0.6)
 
 
 def test_hallucination_counts_recipes_naming_an_absent_ingredient():
@@ -123,6 +134,8 @@ def test_train_py_experiment_recipes_writes_ingredient_metrics_and_a_recipe_bund
                     "recipe_bleu4", "recipe_hallucination"):
             assert 0 <= metrics[f"{split}/{key}"] <= 1, key
         assert metrics[f"{split}/recipe_perplexity"] > 1
+        assert metrics[f"{split}/ingredient_best_f1"] >= metrics[f"{split}/ingredient_f1"]
+        assert 0 < metrics[f"{split}/ingredient_best_threshold"] < 1
     bundle = Bundle.load(out / "bundle")
     assert bundle.writes_recipes and len(bundle.ingredients) >= 20
     image = next((tmp_path / "data").rglob("test_*.png"))

@@ -1,0 +1,74 @@
+"""Error analysis of a bundle's answers, finer than the per-family metrics:
+`python -m mmqa.breakdown BUNDLE DATASET_DIR [--split test] [--words 3] [--confusion FAMILY]`.
+
+Answers every question of a JSONL dataset split (the layout of data/README.md; the built-in worlds
+are written in it) with `Bundle.answer` and prints the official VQA accuracy (`vqa_score`) grouped
+by question family and by the question's first `--words` words (which phrasings fail), then, for
+one family, which answer was given for which expected one (the confusion)."""
+
+from __future__ import annotations
+
+import argparse
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable
+
+from PIL import Image
+
+from mmqa.data.readers import JsonlReader
+from mmqa.data.records import ImageRecord
+from mmqa.metrics.vqa import normalize_answer, vqa_score
+
+
+def breakdown(
+    records: Iterable[ImageRecord], answer: Callable[[object, str], str], words: int, confusion: str | None
+) -> tuple[dict[str, tuple[float, int]], dict[str, Counter]]:
+    """({group: (accuracy, questions)}, {expected answer: Counter(given answers)}) over every question;
+    groups are "family" and "family: first words"; the confusion is over `confusion`'s questions."""
+    scores: dict[str, list[float]] = defaultdict(list)
+    confused: dict[str, Counter] = defaultdict(Counter)
+    for rec in records:
+        if not rec.questions:
+            continue
+        with Image.open(rec.image) as im:
+            image = im.convert("RGB")
+        for qa in rec.questions:
+            given = answer(image, qa.question)
+            score = vqa_score(given, qa.answers)
+            family = qa.family or "all"
+            scores[family].append(score)
+            scores[f"{family}: {' '.join(qa.question.split()[:words])}"].append(score)
+            if family == confusion:
+                expected = Counter(normalize_answer(a) for a in qa.answers).most_common(1)[0][0]
+                confused[expected][normalize_answer(given)] += 1
+    return {k: (sum(v) / len(v), len(v)) for k, v in sorted(scores.items())}, dict(sorted(confused.items()))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m mmqa.breakdown", description=__doc__.split("\n\n")[0])
+    parser.add_argument("bundle", help="a bundle directory written by train.py (<run>/bundle)")
+    parser.add_argument("dataset", help="a JSONL dataset directory (e.g. data/shapes/shapes-<key>)")
+    parser.add_argument("--split", default="test", help="train, val or test (default test)")
+    parser.add_argument("--words", type=int, default=3, help="group phrasings by this many first words")
+    parser.add_argument("--confusion", default=None, help="a question family whose answers to tabulate")
+    parser.add_argument("--min-count", type=int, default=20, help="hide phrasing groups with fewer questions")
+    args = parser.parse_args(argv)
+
+    from mmqa.bundle import Bundle
+
+    bundle = Bundle.load(args.bundle)
+    records = JsonlReader(args.dataset).read(args.split)
+    if records is None:
+        parser.error(f"{args.dataset} has no {args.split}.jsonl")
+    groups, confused = breakdown(records, lambda im, q: bundle.answer(im, q).answer, args.words, args.confusion)
+    print(f"{'group':<48} {'accuracy':>8} {'questions':>9}")
+    for name, (acc, n) in groups.items():
+        if ":" not in name or n >= args.min_count:
+            print(f"{name:<48} {acc:>8.3f} {n:>9}")
+    for expected, given in confused.items():
+        total = sum(given.values())
+        shown = ", ".join(f"{a} {c}" for a, c in given.most_common())
+        print(f"{args.confusion} '{expected}' ({total}): {shown}")
+
+
+if __name__ == "__main__":
+    main()
