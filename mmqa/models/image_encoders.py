@@ -26,7 +26,6 @@ class TimmImageEncoder(nn.Module):
         heads: int,
         mlp_ratio: float,
         drop_path: float,
-        patch_overlap: int = 0,
         name: str | None = None,
         pretrained: bool | str = False,
     ):
@@ -51,11 +50,6 @@ class TimmImageEncoder(nn.Module):
                 drop_path_rate=drop_path,
                 num_classes=0,
             )
-            if patch_overlap:
-                # each patch token sees `patch_overlap` px of its neighbours on every side (same grid)
-                self.vit.patch_embed.proj = nn.Conv2d(
-                    3, width, patch_size + 2 * patch_overlap, stride=patch_size, padding=patch_overlap
-                )
         self.out_dim = self.vit.num_features
         self.grid = self.vit.patch_embed.grid_size[0]
 
