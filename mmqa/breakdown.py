@@ -12,8 +12,7 @@ import argparse
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 
-from PIL import Image
-
+from mmqa.data.images import load_image
 from mmqa.data.readers import JsonlReader
 from mmqa.data.records import ImageRecord
 from mmqa.metrics.vqa import normalize_answer, vqa_score
@@ -29,8 +28,7 @@ def breakdown(
     for rec in records:
         if not rec.questions:
             continue
-        with Image.open(rec.image) as im:
-            image = im.convert("RGB")
+        image = load_image(rec.image)  # once per image, for all of its questions
         for qa in rec.questions:
             given = answer(image, qa.question)
             score = vqa_score(given, qa.answers)

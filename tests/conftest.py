@@ -3,6 +3,7 @@ dataset generated once per session, and a tiny model with one real batch."""
 
 from __future__ import annotations
 
+import json
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # no test may touch the network
@@ -43,6 +44,11 @@ TINY = [
     "trainer.max_epochs=1",
     "generation.max_new_tokens=6",
 ]
+
+
+def read_lines(path: Path) -> list[dict]:
+    """A JSONL file's rows."""
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
 def compose_cfg(data_dir: Path, out_dir: Path, overrides=(), config_name: str = "train"):

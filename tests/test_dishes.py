@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import read_lines
+
 from mmqa.data.builtin import DishesReader
 from mmqa.data.dish_recipes import KIND_RECIPES, write_recipe
 from mmqa.data.dishes import INGREDIENTS, KINDS, generate_dishes
@@ -33,10 +35,6 @@ VOCAB = sorted(INGREDIENTS)
 @pytest.fixture(scope="module")
 def small(tmp_path_factory) -> Path:
     return generate_dishes(tmp_path_factory.mktemp("dishes"), **SMALL)
-
-
-def read_lines(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
 def truth(dataset: Path) -> dict[str, dict]:

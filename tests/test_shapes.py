@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import read_lines
+
 from mmqa.data import shapes
 from mmqa.data.readers import JsonlReader
 from mmqa.data.shapes import COLOURS, SHAPES, SIZES, Desc, Scene, ShapeObject, generate_shapes
@@ -27,10 +29,6 @@ SMALL = {**TINY, "n_train": 80, "n_val": 12, "n_test": 12, "questions_per_image"
 @pytest.fixture(scope="module")
 def small(tmp_path_factory) -> Path:
     return generate_shapes(tmp_path_factory.mktemp("shapes"), **SMALL)
-
-
-def read_lines(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
 def read_scenes(dataset: Path) -> dict[str, Scene]:
