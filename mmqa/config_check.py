@@ -278,6 +278,12 @@ def _check_combinations(cfg: DictConfig, problems: list[str]) -> None:
     if isinstance(patch, int) and patch > 0:
         need(d.image_size % patch == 0, f"data.image_size={d.image_size} is not a multiple of "
                                         f"model.image_encoder.patch_size={patch}")
+        stem = OmegaConf.select(cfg, "model.image_encoder.stem_channels")
+        if stem and not OmegaConf.select(cfg, "model.image_encoder.name"):
+            from mmqa.models.image_encoders import stem_problem
+
+            problem = stem_problem(list(stem), OmegaConf.select(cfg, "model.image_encoder.stem_strides"), patch)
+            need(problem is None, problem or "")
     for name, node in _model_nodes(cfg.model, "model"):
         width = node.get("width", node.get("dim"))
         heads = node.get("heads")

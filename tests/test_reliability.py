@@ -189,6 +189,9 @@ def test_config_mistakes_are_all_listed_with_the_valid_keys(tiny_cfg, tmp_path):
     (["data.on_bad_sample=maybe"], "data.on_bad_sample: 'maybe' is not an option; valid: raise, skip"),
     (["model.fusion.heads=5"], "model.fusion: width 32 is not divisible by heads=5"),
     (["model.image_encoder.patch_size=5"], "data.image_size=32 is not a multiple of model.image_encoder.patch_size=5"),
+    (["model.image_encoder.stem_strides=[2,2,2,2]"], "model.image_encoder.stem_strides=[2, 2, 2, 2] must give one "
+                                                     "stride per stem_channels entry (4) and multiply to "
+                                                     "model.image_encoder.patch_size=8"),
 ])
 def test_impossible_combinations_fail_at_start_up(tiny_cfg, tmp_path, overrides, problem):
     with pytest.raises(ConfigError, match=re.escape(problem)):

@@ -4,8 +4,12 @@
 
 from __future__ import annotations
 
+import math
+from functools import partial
+
 import timm
 import torch
+from timm.layers import PatchEmbed
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -13,9 +17,50 @@ from mmqa.models.outputs import EncoderOutput
 from mmqa.models.pretrained import load_pretrained
 
 
+def stem_problem(channels: list[int], strides: list[int] | None, patch_size: int) -> str | None:
+    """What is wrong with a stem of these channels and strides for this patch size, or None."""
+    strides = list(strides or [])
+    if len(strides) != len(channels) or math.prod(strides) != patch_size:
+        return (f"model.image_encoder.stem_strides={strides} must give one stride per stem_channels entry "
+                f"({len(channels)}) and multiply to model.image_encoder.patch_size={patch_size}")
+    return None
+
+
+def conv_stem(channels: list[int], strides: list[int], in_chans: int = 3) -> nn.Sequential:
+    """3x3 conv + BatchNorm + ReLU per entry; one output cell per prod(strides) pixels a side.
+
+    In place of the linear patch projection it lets a ViT trained from scratch see shapes inside a
+    patch far sooner (Xiao et al., "Early Convolutions Help Transformers See Better")."""
+    layers, c_in = [], in_chans
+    for c, s in zip(channels, strides, strict=True):
+        layers += [nn.Conv2d(c_in, c, 3, stride=s, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
+        c_in = c
+    return nn.Sequential(*layers)
+
+
+class ConvStemPatchEmbed(PatchEmbed):
+    """timm's linear patch embedding plus a convolutional stem's features of the same patch, added.
+
+    The linear path keeps what a patch projection sees at once (colour); the stem adds local shape.
+    Its output projection starts at zero, so training starts from the plain ViT."""
+
+    def __init__(self, stem_channels: list[int], stem_strides: list[int], **kwargs):
+        super().__init__(**kwargs)
+        self.stem = conv_stem(stem_channels, stem_strides, kwargs.get("in_chans", 3))
+        self.stem_proj = nn.Conv2d(stem_channels[-1], self.proj.out_channels, 1)
+        nn.init.zeros_(self.stem_proj.weight)
+        nn.init.zeros_(self.stem_proj.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, N, D)
+        conv = self.stem_proj(self.stem(x)).flatten(2).transpose(1, 2)  # (B, N, D)
+        return super().forward(x) + conv
+
+
 class TimmImageEncoder(nn.Module):
     """A timm ViT. With `name` any timm ViT is created (pretrained weights optional: `true` for timm's
-    default source, or a local weights file); without it a small ViT is built from the numbers given."""
+    default source, or a local weights file); without it a small ViT is built from the numbers given,
+    with a linear patch projection or, given `stem_channels` and `stem_strides`, a convolutional stem
+    whose strides multiply to `patch_size` (timm's hybrid ViT)."""
 
     def __init__(
         self,
@@ -26,6 +71,8 @@ class TimmImageEncoder(nn.Module):
         heads: int,
         mlp_ratio: float,
         drop_path: float,
+        stem_channels: list[int] | None = None,
+        stem_strides: list[int] | None = None,
         name: str | None = None,
         pretrained: bool | str = False,
     ):
@@ -40,15 +87,21 @@ class TimmImageEncoder(nn.Module):
                 lambda _: timm.create_model(name, pretrained=bool(pretrained), **kwargs),
             )
         else:
+            embed = dict(patch_size=patch_size)
+            if stem_channels:
+                problem = stem_problem(stem_channels, stem_strides, patch_size)
+                if problem:
+                    raise ValueError(problem)
+                embed["embed_layer"] = partial(ConvStemPatchEmbed, stem_channels=list(stem_channels), stem_strides=list(stem_strides))
             self.vit = VisionTransformer(
                 img_size=image_size,
-                patch_size=patch_size,
                 embed_dim=width,
                 depth=depth,
                 num_heads=heads,
                 mlp_ratio=mlp_ratio,
                 drop_path_rate=drop_path,
                 num_classes=0,
+                **embed,
             )
         self.out_dim = self.vit.num_features
         self.grid = self.vit.patch_embed.grid_size[0]
