@@ -1,9 +1,11 @@
-"""The built small ViT and its convolutional stem (mmqa/models/image_encoders.py)."""
+"""The built small ViT and its convolutional stem (mmqa/models/image_encoders.py), and the position
+encoding `MMQAModel` adds to the image tokens."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 
 from mmqa.models.image_encoders import ConvStemPatchEmbed, TimmImageEncoder
 
@@ -38,3 +40,17 @@ def test_stem_strides_must_make_up_the_patch():
     with pytest.raises(ValueError, match=r"stem_strides=\[2, 2\] must give one stride per stem_channels entry \(4\) "
                                          r"and multiply to model.image_encoder.patch_size=8"):
         TimmImageEncoder(**SMALL, stem_channels=[8, 16, 32, 32], stem_strides=[2, 2])
+
+
+def test_image_tokens_carry_their_grid_position(tiny_parts):
+    _, _, with_pos, _, batch = tiny_parts("model.image_position_scale=0.5")
+    _, _, without, _, _ = tiny_parts("model.image_position_scale=0")
+    assert "image_position" not in with_pos.state_dict()  # fixed: bundles without it load unchanged
+    without.load_state_dict(with_pos.state_dict())
+    with_pos.eval(), without.eval()
+    a, b = with_pos.encode_images(batch.images), without.encode_images(batch.images)
+    grid = with_pos.grid  # 32 px / 8 px patches = 4
+    expected = 0.5 * build_sincos2d_pos_embed([grid, grid], a.tokens.shape[-1])  # (N, D)
+    assert torch.allclose(a.tokens - b.tokens, expected.expand_as(a.tokens), atol=1e-6)
+    assert torch.equal(a.pooled, b.pooled)  # the contrastive vector is left alone
+    assert len({tuple(row.tolist()) for row in expected}) == grid * grid  # one code per patch

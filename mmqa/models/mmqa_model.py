@@ -10,6 +10,7 @@ number of questions.
 from __future__ import annotations
 
 import torch
+from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from torch import nn
 
 from mmqa.models.decoder import CaptionDecoder
@@ -35,7 +36,10 @@ class MMQAModel(nn.Module):
         dropout: float,
         init_temperature: float,
         num_ingredients: int = 0,
+        image_position_scale: float = 0.0,
     ):
+        """`image_position_scale`: a fixed 2D sin-cos encoding of each patch's grid position, times
+        this, is added to the image tokens that fusion, decoder and ingredient head read (0: none)."""
         super().__init__()
         self.image_encoder = image_encoder
         self.text_encoder = text_encoder
@@ -47,6 +51,9 @@ class MMQAModel(nn.Module):
         self.contrastive = ContrastiveHead(dim, dim, embed_dim, init_temperature)
         self.decoder = decoder
         self.ingredient_head = IngredientHead(dim, num_ingredients, head_mlp_ratio, dropout) if num_ingredients else None
+        grid = image_encoder.grid
+        position = build_sincos2d_pos_embed([grid, grid], dim) * image_position_scale  # (N, D)
+        self.register_buffer("image_position", position, persistent=False)  # fixed: not in the weights
 
     @property
     def grid(self) -> int:
@@ -54,7 +61,10 @@ class MMQAModel(nn.Module):
         return self.image_encoder.grid
 
     def encode_images(self, images: torch.Tensor) -> EncoderOutput:  # (B, 3, H, W) -> tokens (B, N, D)
-        return _project(self.image_encoder(images), self.image_proj)
+        out = _project(self.image_encoder(images), self.image_proj)
+        # the ViT's own position embedding fades through its layers; this tells fusion where each patch is
+        tokens = out.tokens + self.image_position.to(out.tokens.dtype)  # (B, N, D)
+        return EncoderOutput(tokens=tokens, mask=out.mask, pooled=out.pooled)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> EncoderOutput:  # (T, L)
         return _project(self.text_encoder(input_ids, attention_mask), self.text_proj)
