@@ -29,8 +29,9 @@ def stem_problem(channels: list[int], strides: list[int] | None, patch_size: int
 def conv_stem(channels: list[int], strides: list[int], in_chans: int = 3) -> nn.Sequential:
     """3x3 conv + BatchNorm + ReLU per entry; one output cell per prod(strides) pixels a side.
 
-    In place of the linear patch projection it lets a ViT trained from scratch see shapes inside a
-    patch far sooner (Xiao et al., "Early Convolutions Help Transformers See Better")."""
+    Early convolutions let a ViT trained from scratch see shapes inside a patch far sooner (Xiao et
+    al., "Early Convolutions Help Transformers See Better"); `ConvStemPatchEmbed` adds them to the
+    linear projection rather than replacing it."""
     layers, c_in = [], in_chans
     for c, s in zip(channels, strides, strict=True):
         layers += [nn.Conv2d(c_in, c, 3, stride=s, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
@@ -59,8 +60,8 @@ class ConvStemPatchEmbed(PatchEmbed):
 class TimmImageEncoder(nn.Module):
     """A timm ViT. With `name` any timm ViT is created (pretrained weights optional: `true` for timm's
     default source, or a local weights file); without it a small ViT is built from the numbers given,
-    with a linear patch projection or, given `stem_channels` and `stem_strides`, a convolutional stem
-    whose strides multiply to `patch_size` (timm's hybrid ViT)."""
+    with timm's linear patch projection, to which `stem_channels` and `stem_strides` (strides that
+    multiply to `patch_size`) add a convolutional stem's features (`ConvStemPatchEmbed`)."""
 
     def __init__(
         self,
