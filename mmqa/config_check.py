@@ -266,6 +266,7 @@ def _check_combinations(cfg: DictConfig, problems: list[str]) -> None:
     for key in ("batch_size", "eval_batch_size", "answer_top_k", "max_question_length", "image_size"):
         need(d[key] >= 1, f"data.{key} must be >= 1, got {d[key]}")
     need(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
+    need(d.get("concept_top_k", 0) >= 0, f"data.concept_top_k must be >= 0 (0: no concept loss), got {d.get('concept_top_k')}")
     need(0 < d.val_fraction < 1, f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
     need(len(d.mean) == 3 and len(d.std) == 3 and all(s > 0 for s in d.std),
          f"data.mean and data.std need 3 values (R, G, B), std > 0; got {list(d.mean)} and {list(d.std)}")

@@ -1,7 +1,8 @@
 """The LightningModule: the multi-task loss (VQA soft-score BCE + caption LM + CLIP contrastive +
-ingredient BCE + recipe LM, each computed only where the batch has its labels and weighted from the
-config), the metrics under "split/name" keys, and AdamW with linear warmup + cosine decay. The model
-itself is plain PyTorch (`mmqa.models`)."""
+caption-concept BCE + ingredient BCE + recipe LM, each computed only where the batch has its labels
+and weighted from the config), the metrics under "split/name" keys, and AdamW with linear warmup + cosine decay. The model
+itself is plain PyTorch (`mmqa.models`); the concept head, a training-only aid, lives here and is not
+part of the exported bundle."""
 
 from __future__ import annotations
 
@@ -18,10 +19,11 @@ from mmqa.errors import MMQAError
 from mmqa.generate import generate_captions
 from mmqa.metrics import CaptionScores, RetrievalRecall, VQAAccuracy
 from mmqa.metrics.ingredients import HallucinationRate, IngredientScores
+from mmqa.models.heads import PatchSetHead
 from mmqa.models.mmqa_model import MMQAModel
 from mmqa.recipe import RecipeSettings, predict_ingredients, write_recipes
 
-TASKS = ("vqa", "caption", "contrastive", "ingredients", "recipe")
+TASKS = ("vqa", "caption", "contrastive", "concepts", "ingredients", "recipe")
 # each epoch metric (attribute `<split>_<name>`) -> the keys logged under "<split>/" from its value
 EPOCH_METRICS = {
     "vqa": dict,
@@ -51,8 +53,11 @@ class LitMMQA(L.LightningModule):
         max_caption_eval_images: int,
         ingredients: list[str] = (),
         recipe: dict | None = None,
+        concepts: list[str] = (),
     ):
-        """`ingredients`: the ingredient vocabulary (empty without recipe data); `recipe`: the
+        """`concepts`: the caption-word vocabulary of the concept loss (`mmqa.data.concepts`; no concept
+        head when it is empty or `loss_weights["concepts"]` is 0); `ingredients`: the ingredient
+        vocabulary (empty without recipe data); `recipe`: the
         `ingredient_threshold`, `prompt_threshold`, `ban_absent_ingredients` and the recipe `generation`
         kwargs (conf/train.yaml)."""
         super().__init__()
@@ -68,6 +73,13 @@ class LitMMQA(L.LightningModule):
         self.generation = dict(generation)
         self.max_caption_eval_images = max_caption_eval_images
         self.ingredients = list(ingredients)
+        self.concepts = list(concepts)
+        # which caption words an image's patches show: trains the image encoder, not used at inference
+        self.concept_head = (
+            PatchSetHead(model.dim, len(self.concepts), model.head_mlp_ratio, model.dropout)
+            if self.concepts and self.loss_weights["concepts"] > 0
+            else None
+        )
         self.recipe = RecipeSettings.of(recipe)
         self.clip_loss = ClipLoss()
         for split in ("val", "test"):
@@ -104,6 +116,11 @@ class LitMMQA(L.LightningModule):
             # summed over the vocabulary, averaged over dishes: the scale of the VQA BCE
             losses["ingredients"] = F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / len(logits)
             out["ingredient_probs"], out["ingredient_targets"] = logits.sigmoid(), target
+        if self.concept_head is not None and batch.has_concepts.any():
+            logits = self.concept_head(img.tokens, img.mask)[batch.has_concepts]  # (B', V)
+            # summed over the vocabulary, averaged over images: the scale of the VQA BCE
+            target = batch.concept_targets[batch.has_concepts]
+            losses["concepts"] = F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / len(logits)
         has_caption = batch.clip_caption >= 0  # (B,)
         if has_caption.sum() >= 2 and (w["contrastive"] > 0 or not self.training):
             c = m.encode_text(batch.c_input_ids, batch.c_attention_mask)
@@ -224,7 +241,7 @@ class LitMMQA(L.LightningModule):
     def configure_optimizers(self):
         o = self.optim
         decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
+        for name, p in self.named_parameters():  # the model's and the concept head's
             if p.requires_grad:
                 # norms, biases, embeddings' scalars and the temperature are not decayed
                 (no_decay if p.ndim < 2 else decay).append(p)

@@ -100,7 +100,8 @@ def build_experiment(cfg: DictConfig, assets: tuple | None = None) -> tuple[MMQA
         text_tok, dec_tok = build_tokenizers(cfg.model, cfg.tokenizer, dm.train_texts())
         assets = (text_tok, dec_tok, dm.answer_vocab(), dm.ingredient_vocab())
     text_tok, dec_tok, answers, ingredients = assets
-    dm.attach(text_tok, dec_tok, answers, ingredients)
+    concepts = dm.concept_vocab()  # from the data each time: only the training-time concept head uses it
+    dm.attach(text_tok, dec_tok, answers, ingredients, concepts)
     model = build_model(cfg.model, len(answers), text_tok, dec_tok, len(ingredients))
     positions = model.decoder.gpt2.config.n_positions
     if cfg.data.max_recipe_length > positions and any(r.recipe for r in dm.records["train"]):
@@ -119,6 +120,7 @@ def build_experiment(cfg: DictConfig, assets: tuple | None = None) -> tuple[MMQA
         max_caption_eval_images=cfg.eval.max_caption_eval_images,
         ingredients=ingredients,
         recipe=cfg.get("recipe"),
+        concepts=concepts,
     )
     return dm, lit
 

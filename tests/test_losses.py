@@ -55,7 +55,7 @@ def test_gpt2_style_tokenizer_with_pad_equal_to_eos_keeps_the_eos_label(tiny_par
 def test_each_loss_only_where_its_labels_exist(tiny_parts):
     cfg, dm, model, lit, batch = tiny_parts()
     losses, _ = lit.compute_losses(batch)
-    assert set(losses) == {"vqa", "caption", "contrastive"}
+    assert set(losses) == {"vqa", "caption", "contrastive", "concepts"}
     no_captions = dataclasses.replace(
         batch,
         c_img_idx=batch.c_img_idx[:0],
@@ -65,33 +65,34 @@ def test_each_loss_only_where_its_labels_exist(tiny_parts):
         d_attention_mask=batch.d_attention_mask[:0],
         d_labels=batch.d_labels[:0],
         clip_caption=torch.full_like(batch.clip_caption, -1),
+        has_concepts=torch.zeros_like(batch.has_concepts),
     )
     losses, _ = lit.compute_losses(no_captions)
     assert set(losses) == {"vqa"}
     no_questions = dataclasses.replace(batch, q_img_idx=batch.q_img_idx[:0])
     losses, _ = lit.compute_losses(no_questions)
-    assert set(losses) == {"caption", "contrastive"}
+    assert set(losses) == {"caption", "contrastive", "concepts"}
 
 
 def test_weights_switch_terms_off_and_scale_them(tiny_parts):
-    cfg, dm, model, lit, batch = tiny_parts("loss.caption=0", "loss.contrastive=2.0")
+    cfg, dm, model, lit, batch = tiny_parts("loss.caption=0", "loss.contrastive=2.0", "loss.concepts=0.5")
     lit.train()
     losses, _ = lit.compute_losses(batch)
     assert "caption" not in losses  # switched off: not even computed
     total = lit.total_loss(losses)
-    assert torch.allclose(total, losses["vqa"] + 2.0 * losses["contrastive"])
+    assert torch.allclose(total, losses["vqa"] + 2.0 * losses["contrastive"] + 0.5 * losses["concepts"])
 
 
 def test_unknown_loss_term_is_refused(tiny_parts):
     from mmqa.lit_module import LitMMQA
 
     cfg, dm, model, lit, batch = tiny_parts()
-    with pytest.raises(ValueError, match=r"unknown loss term\(s\) \['vqq'\].*valid: \['vqa', 'caption', 'contrastive', 'ingredients', 'recipe'\]"):
+    with pytest.raises(ValueError, match=r"unknown loss term\(s\) \['vqq'\].*valid: \['vqa', 'caption', 'contrastive', 'concepts', 'ingredients', 'recipe'\]"):
         LitMMQA(model, lit.answers, [], lit.dec_tok, {"vqq": 1.0}, cfg.optim, cfg.generation, 8)
 
 
 def test_gradients_reach_both_encoders_from_the_vqa_loss_alone(tiny_parts):
-    cfg, dm, model, lit, batch = tiny_parts("loss.caption=0", "loss.contrastive=0")
+    cfg, dm, model, lit, batch = tiny_parts("loss.caption=0", "loss.contrastive=0", "loss.concepts=0")
     lit.train()
     losses, _ = lit.compute_losses(batch)
     lit.total_loss(losses).backward()
@@ -124,7 +125,7 @@ def test_a_nan_loss_stops_training_and_names_the_term(tiny_parts, monkeypatch):
 def test_a_batch_without_labels_for_any_enabled_loss_is_a_clear_error(tiny_parts):
     from mmqa.errors import MMQAError
 
-    cfg, dm, model, lit, batch = tiny_parts("loss.vqa=0", "loss.caption=0", "loss.contrastive=0", "loss.recipe=1")
+    cfg, dm, model, lit, batch = tiny_parts("loss.vqa=0", "loss.caption=0", "loss.contrastive=0", "loss.concepts=0", "loss.recipe=1")
     lit.train()
     with pytest.raises(MMQAError, match=r"batch 3 has no labels for any enabled loss \(ingredients, recipe\): this data has none of them; enable a loss"):
         lit.training_step(batch, 3)

@@ -166,9 +166,9 @@ def test_train_py_experiment_recipes_writes_ingredient_metrics_and_a_recipe_bund
 
 
 def test_ingredient_head_keeps_each_ingredients_best_patch():
-    from mmqa.models.heads import IngredientHead
+    from mmqa.models.heads import PatchSetHead
 
-    head = IngredientHead(8, 5, 2.0, 0.0).eval()
+    head = PatchSetHead(8, 5, 2.0, 0.0).eval()
     tokens, mask = torch.randn(2, 6, 8), torch.ones(2, 6, dtype=torch.bool)
     logits = head(tokens, mask)  # (B, I)
     assert logits.shape == (2, 5)

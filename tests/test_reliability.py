@@ -187,6 +187,7 @@ def test_config_mistakes_are_all_listed_with_the_valid_keys(tiny_cfg, tmp_path):
     (["data.batch_size=1"], "loss.contrastive=0.5 needs data.batch_size >= 2"),
     (["data.max_captions_per_image=0"], "data.max_captions_per_image must be >= 1"),
     (["data.on_bad_sample=maybe"], "data.on_bad_sample: 'maybe' is not an option; valid: raise, skip"),
+    (["data.concept_top_k=-1"], "data.concept_top_k must be >= 0 (0: no concept loss), got -1"),
     (["model.fusion.heads=5"], "model.fusion: width 32 is not divisible by heads=5"),
     (["model.image_encoder.patch_size=5"], "data.image_size=32 is not a multiple of model.image_encoder.patch_size=5"),
     (["model.image_encoder.stem_strides=[2,2,2,2]"], "model.image_encoder.stem_strides=[2, 2, 2, 2] must give one "

@@ -1,5 +1,5 @@
 """From image records to one multi-task batch. Each image appears once in a batch with all of its
-questions, captions, ingredients and recipe; questions, captions and recipes carry the row of their
+questions, captions (and their concept words), ingredients and recipe; questions, captions and recipes carry the row of their
 image (`q_img_idx`, `c_img_idx`, `r_img_idx`) so the model encodes each image once."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Dataset
 
+from mmqa.data.concepts import caption_words
 from mmqa.data.images import ImageTransform, load_image
 from mmqa.data.recipes import format_recipe, recipe_prompt
 from mmqa.data.records import ImageRecord
@@ -33,6 +34,8 @@ class Batch:
     clip_caption: torch.Tensor  # (B,) caption row paired with each image for the contrastive loss, -1 if none
     ingredient_targets: torch.Tensor  # (B, I) multi-hot over the ingredient vocabulary
     has_ingredients: torch.Tensor  # (B,) bool: the image has an ingredient list
+    concept_targets: torch.Tensor  # (B, V) multi-hot: the concept words its captions use (mmqa.data.concepts)
+    has_concepts: torch.Tensor  # (B,) bool: the image has captions
     r_input_ids: torch.Tensor  # (R, Lr) [BOS] prompt [SEP] recipe [EOS], decoder tokens
     r_attention_mask: torch.Tensor  # (R, Lr)
     r_labels: torch.Tensor  # (R, Lr) -100 on the prompt and the padding: only the recipe is learnt
@@ -91,6 +94,7 @@ class Collator:
         train: bool,
         ingredients: list[str] = (),
         max_recipe_length: int = 256,
+        concepts: list[str] = (),
     ):
         self.text_tok = text_tokenizer
         self.dec_tok = decoder_tokenizer
@@ -100,6 +104,7 @@ class Collator:
         self.max_captions = max_captions_per_image
         self.train = train
         self.ingredient_index = {n: i for i, n in enumerate(ingredients)}
+        self.concept_index = {w: i for i, w in enumerate(concepts)}
         self.max_r = max_recipe_length
 
     def _encode_text(self, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,7 +145,11 @@ class Collator:
         captions, c_img, clip_caption, refs = [], [], [], []
         prompts, recipe_texts, r_img = [], [], []
         ing_targets = torch.zeros(len(items), len(self.ingredient_index))
+        concept_targets = torch.zeros(len(items), len(self.concept_index))
         for row, (_, _, rec) in enumerate(items):
+            for word in caption_words(rec.captions):  # all of the image's captions, not this step's pick
+                if word in self.concept_index:
+                    concept_targets[row, self.concept_index[word]] = 1.0
             for name in rec.ingredients:
                 if name in self.ingredient_index:
                     ing_targets[row, self.ingredient_index[name]] = 1.0
@@ -186,6 +195,8 @@ class Collator:
             clip_caption=torch.tensor(clip_caption, dtype=torch.long),
             ingredient_targets=ing_targets,
             has_ingredients=torch.tensor([bool(rec.ingredients) for _, _, rec in items], dtype=torch.bool),
+            concept_targets=concept_targets,
+            has_concepts=torch.tensor([bool(rec.captions) for _, _, rec in items], dtype=torch.bool),
             r_input_ids=r_ids,
             r_attention_mask=r_mask,
             r_labels=r_labels,

@@ -1,6 +1,6 @@
 """The LightningDataModule: reads the splits through a reader, checks every image once and drops or
 refuses bad samples (`on_bad_sample`, see `mmqa.data.validate`), holds out validation images when a
-dataset has none, builds the answer vocabulary from the training split, and serves multi-task
+dataset has none, builds the answer, ingredient and caption-concept vocabularies from the training split, and serves multi-task
 batches of whole images (see `mmqa.data.batch`) in an order that a checkpoint can resume mid-epoch."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from mmqa.data.batch import Collator, RecordDataset
+from mmqa.data.concepts import caption_words
 from mmqa.data.images import ImageTransform
 from mmqa.data.readers import DatasetReader, split_by_image
 from mmqa.data.recipes import format_recipe, recipe_prompt
@@ -108,6 +109,7 @@ class MMQADataModule(L.LightningDataModule):
         max_captions_per_image: int,
         max_recipe_length: int = 256,
         ingredient_top_k: int = 1500,
+        concept_top_k: int = 0,
         root: str | None = None,
         on_bad_sample: str = "raise",
     ):
@@ -126,6 +128,7 @@ class MMQADataModule(L.LightningDataModule):
         self.split_seed = split_seed
         self.answer_top_k = answer_top_k
         self.ingredient_top_k = ingredient_top_k
+        self.concept_top_k = concept_top_k
         self.collate_args = dict(
             max_question_length=max_question_length,
             max_caption_length=max_caption_length,
@@ -176,16 +179,28 @@ class MMQADataModule(L.LightningDataModule):
         counts = Counter(name for r in self.load_records()["train"] for name in r.ingredients)
         return sorted(most_frequent(counts, self.ingredient_top_k))
 
-    def attach(self, text_tokenizer, decoder_tokenizer, answers: list[str], ingredients: list[str] = ()) -> None:
-        """Give the module what the model side decides: tokenizers, answer and ingredient vocabularies."""
+    def concept_vocab(self) -> list[str]:
+        """The `concept_top_k` caption words (`mmqa.data.concepts`) used by the most training images,
+        sorted by name; empty for data without captions or with `concept_top_k` 0."""
+        counts = Counter(w for r in self.load_records()["train"] for w in caption_words(r.captions))
+        return sorted(most_frequent(counts, self.concept_top_k))
+
+    def attach(
+        self, text_tokenizer, decoder_tokenizer, answers: list[str], ingredients: list[str] = (), concepts: list[str] = ()
+    ) -> None:
+        """Give the module what the model side decides: tokenizers, answer, ingredient and concept vocabularies."""
         self.tokenizers = (text_tokenizer, decoder_tokenizer)
         self.answers = answers
         self.ingredients = list(ingredients)
+        self.concepts = list(concepts)
 
     def loader(self, split: str, train: bool) -> DataLoader:
         if self.tokenizers is None:
             raise RuntimeError("MMQADataModule.attach(...) must be called before asking for data loaders")
-        collate = Collator(*self.tokenizers, self.answers, train=train, ingredients=self.ingredients, **self.collate_args)
+        collate = Collator(
+            *self.tokenizers, self.answers, train=train, ingredients=self.ingredients, concepts=self.concepts,
+            **self.collate_args,
+        )
         dataset = RecordDataset(self.load_records()[split], self.transform)
         args = dict(num_workers=self.num_workers, collate_fn=collate, persistent_workers=self.num_workers > 0)
         distributed = self.trainer is not None and self.trainer.world_size > 1

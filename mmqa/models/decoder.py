@@ -44,6 +44,7 @@ class CaptionDecoder(nn.Module):
                 resid_pdrop=dropout,
                 embd_pdrop=dropout,
                 attn_pdrop=dropout,
+                activation_function="gelu_pytorch_tanh",  # GPT-2's tanh GELU, as one fused PyTorch op
                 add_cross_attention=True,
                 bos_token_id=bos_token_id,
                 eos_token_id=eos_token_id,

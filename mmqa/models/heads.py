@@ -1,5 +1,5 @@
 """Task heads on top of the encoders and the fusion: the VQA answer classifier, the multi-label
-ingredient classifier (recipes) and the CLIP-style contrastive projections."""
+patch-set classifier (ingredients, caption concepts) and the CLIP-style contrastive projections."""
 
 from __future__ import annotations
 
@@ -24,21 +24,22 @@ class VQAHead(nn.Module):
         return self.net(pooled)
 
 
-class IngredientHead(nn.Module):
-    """Scores every ingredient of the vocabulary from the image alone, as a set (one sigmoid each,
-    BCE), the way Inverse Cooking predicts ingredients before it writes the instructions. Each patch
-    token scores every ingredient and the image keeps each ingredient's best patch (multiple-instance
-    pooling): an ingredient is present when some patch shows it, however small it is."""
+class PatchSetHead(nn.Module):
+    """Scores every label of a vocabulary from the image alone, as a set (one sigmoid each, BCE).
+    Each patch token scores every label and the image keeps each label's best patch (multiple-instance
+    pooling): a label is present when some patch shows it, however small it is. Used for a dish's
+    ingredients (predicted before its recipe is written, as in Inverse Cooking) and for the words of
+    an image's captions (the concept loss, `mmqa.data.concepts`)."""
 
-    def __init__(self, dim: int, num_ingredients: int, mlp_ratio: float, dropout: float):
+    def __init__(self, dim: int, num_labels: int, mlp_ratio: float, dropout: float):
         super().__init__()
         hidden = int(dim * mlp_ratio)
         self.net = nn.Sequential(
-            nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, num_ingredients)
+            nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, num_labels)
         )
 
-    def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # (B, N, D), (B, N) -> (B, I)
-        scores = self.net(tokens)  # (B, N, I)
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # (B, N, D), (B, N) -> (B, V)
+        scores = self.net(tokens)  # (B, N, V)
         return scores.masked_fill(~mask[..., None], float("-inf")).amax(1)
 
 

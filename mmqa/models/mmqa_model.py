@@ -14,7 +14,7 @@ from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from torch import nn
 
 from mmqa.models.decoder import CaptionDecoder
-from mmqa.models.heads import ContrastiveHead, IngredientHead, VQAHead
+from mmqa.models.heads import ContrastiveHead, PatchSetHead, VQAHead
 from mmqa.models.outputs import EncoderOutput, FusionOutput
 
 
@@ -41,6 +41,7 @@ class MMQAModel(nn.Module):
         """`image_position_scale`: a fixed 2D sin-cos encoding of each patch's grid position, times
         this, is added to the image tokens that fusion, decoder and ingredient head read (0: none)."""
         super().__init__()
+        self.dim, self.head_mlp_ratio, self.dropout = dim, head_mlp_ratio, dropout  # for heads built outside
         self.image_encoder = image_encoder
         self.text_encoder = text_encoder
         # encoder widths are read from the built modules, never typed twice in the config
@@ -50,7 +51,7 @@ class MMQAModel(nn.Module):
         self.vqa_head = VQAHead(dim, num_answers, head_mlp_ratio, dropout)
         self.contrastive = ContrastiveHead(dim, dim, embed_dim, init_temperature)
         self.decoder = decoder
-        self.ingredient_head = IngredientHead(dim, num_ingredients, head_mlp_ratio, dropout) if num_ingredients else None
+        self.ingredient_head = PatchSetHead(dim, num_ingredients, head_mlp_ratio, dropout) if num_ingredients else None
         grid = image_encoder.grid
         position = build_sincos2d_pos_embed([grid, grid], dim) * image_position_scale  # (N, D)
         self.register_buffer("image_position", position, persistent=False)  # fixed: not in the weights
