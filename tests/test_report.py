@@ -242,7 +242,7 @@ def test_fusion_ablation_is_nine_runs():
 
 def test_loss_presets_keep_the_default_weights():
     weights = {name: dict(compose_hydra(f"loss={name}").loss) for name in EXPECTED_SWEEPS["loss_ablation"]["loss"]}
-    assert weights["all"] == {"vqa": 1.0, "caption": 1.0, "contrastive": 0.5, "concepts": 1.0, "ingredients": 1.0,
+    assert weights["all"] == {"vqa": 1.0, "caption": 1.0, "contrastive": 0.5, "concepts": 2.0, "ingredients": 1.0,
                               "recipe": 1.0}
     assert dict(compose_hydra().loss) == weights["all"]
     assert weights["vqa"] == {"vqa": 1.0, "caption": 0.0, "contrastive": 0.0, "concepts": 0.0}
