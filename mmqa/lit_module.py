@@ -36,6 +36,12 @@ EPOCH_METRICS = {
 }
 
 
+def summed_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:  # (R, K), (R, K) -> ()
+    """BCE summed over the vocabulary and averaged over rows: the usual VQA scale, shared by every
+    multi-label term (answers, ingredients, caption concepts)."""
+    return F.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / len(logits)
+
+
 class NonFiniteLossError(MMQAError):
     """A loss term became NaN or infinite; the message names the term and the step."""
 
@@ -103,8 +109,7 @@ class LitMMQA(L.LightningModule):
         if batch.num_questions and (w["vqa"] > 0 or not self.training):
             q = m.encode_text(batch.q_input_ids, batch.q_attention_mask)
             logits, _ = m.answer_logits(img, batch.q_img_idx, q)  # (Q, K)
-            # summed over answers, averaged over questions: the usual VQA BCE scale
-            losses["vqa"] = F.binary_cross_entropy_with_logits(logits, batch.vqa_targets, reduction="sum") / len(logits)
+            losses["vqa"] = summed_bce(logits, batch.vqa_targets)
             out["vqa_logits"] = logits
         if batch.num_captions and (w["caption"] > 0 or not self.training):
             losses["caption"] = m.lm_loss(img, batch.c_img_idx, batch.d_input_ids, batch.d_attention_mask, batch.d_labels)
@@ -113,14 +118,11 @@ class LitMMQA(L.LightningModule):
         if m.ingredient_head is not None and batch.has_ingredients.any() and (w["ingredients"] > 0 or not self.training):
             logits = m.ingredient_logits(img)[batch.has_ingredients]  # (B', I)
             target = batch.ingredient_targets[batch.has_ingredients]
-            # summed over the vocabulary, averaged over dishes: the scale of the VQA BCE
-            losses["ingredients"] = F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / len(logits)
+            losses["ingredients"] = summed_bce(logits, target)
             out["ingredient_probs"], out["ingredient_targets"] = logits.sigmoid(), target
         if self.concept_head is not None and batch.has_concepts.any():
             logits = self.concept_head(img.tokens, img.mask)[batch.has_concepts]  # (B', V)
-            # summed over the vocabulary, averaged over images: the scale of the VQA BCE
-            target = batch.concept_targets[batch.has_concepts]
-            losses["concepts"] = F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / len(logits)
+            losses["concepts"] = summed_bce(logits, batch.concept_targets[batch.has_concepts])
         has_caption = batch.clip_caption >= 0  # (B,)
         if has_caption.sum() >= 2 and (w["contrastive"] > 0 or not self.training):
             c = m.encode_text(batch.c_input_ids, batch.c_attention_mask)

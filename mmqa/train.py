@@ -100,7 +100,8 @@ def build_experiment(cfg: DictConfig, assets: tuple | None = None) -> tuple[MMQA
         text_tok, dec_tok = build_tokenizers(cfg.model, cfg.tokenizer, dm.train_texts())
         assets = (text_tok, dec_tok, dm.answer_vocab(), dm.ingredient_vocab())
     text_tok, dec_tok, answers, ingredients = assets
-    concepts = dm.concept_vocab()  # from the data each time: only the training-time concept head uses it
+    # from the data each time (only the training-time concept head uses it); none when the loss is off
+    concepts = dm.concept_vocab() if cfg.loss.get("concepts", 0) > 0 else []
     dm.attach(text_tok, dec_tok, answers, ingredients, concepts)
     model = build_model(cfg.model, len(answers), text_tok, dec_tok, len(ingredients))
     positions = model.decoder.gpt2.config.n_positions

@@ -59,6 +59,16 @@ class Batch:
         return self.c_img_idx.numel()
 
 
+def multi_hot(label_sets: list, index: dict[str, int]) -> torch.Tensor:
+    """(rows, len(index)) with 1 where a row's label is in the vocabulary `index`; other labels are ignored."""
+    out = torch.zeros(len(label_sets), len(index))
+    for row, labels in enumerate(label_sets):
+        for label in labels:
+            if label in index:
+                out[row, index[label]] = 1.0
+    return out
+
+
 def prompt_ids(tokenizer, prompt: list[int]) -> list[int]:
     """[BOS] prompt [SEP]: what the decoder reads before a recipe (eos separates where there is no sep)."""
     sep = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
@@ -144,15 +154,11 @@ class Collator:
         questions, q_img, answers, families, targets = [], [], [], [], []
         captions, c_img, clip_caption, refs = [], [], [], []
         prompts, recipe_texts, r_img = [], [], []
-        ing_targets = torch.zeros(len(items), len(self.ingredient_index))
-        concept_targets = torch.zeros(len(items), len(self.concept_index))
+        ing_targets = multi_hot([rec.ingredients for _, _, rec in items], self.ingredient_index)
+        # from all of each image's captions, not this step's pick
+        concept_targets = multi_hot([caption_words(rec.captions) if self.concept_index else () for _, _, rec in items],
+                                    self.concept_index)
         for row, (_, _, rec) in enumerate(items):
-            for word in caption_words(rec.captions):  # all of the image's captions, not this step's pick
-                if word in self.concept_index:
-                    concept_targets[row, self.concept_index[word]] = 1.0
-            for name in rec.ingredients:
-                if name in self.ingredient_index:
-                    ing_targets[row, self.ingredient_index[name]] = 1.0
             if rec.recipe is not None:
                 prompts.append(recipe_prompt(rec.ingredients))
                 recipe_texts.append(format_recipe(rec.recipe))
