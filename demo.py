@@ -23,7 +23,7 @@ from mmqa.app.inputs import MAX_PIXELS
 from mmqa.app.serve import CONCURRENCY, HOST, MAX_FILE_SIZE, PORT, QUEUE_SIZE
 from mmqa.bundle import WEIGHTS, Bundle
 from mmqa.errors import MMQAError
-from mmqa.retrieval import open_clip_towers
+from mmqa.image_index import open_clip_towers
 
 RUNS = Path("outputs/train/runs")
 TRAIN_SCRIPT = Path(__file__).resolve().parent / "train.py"
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gallery", type=Path,
                         help="a folder of images to search (default: the built-in dataset's test images)")
     parser.add_argument("--index", type=Path, help="where the gallery's index is kept (default: GALLERY/.mmqa-index); "
-                        "alone, an index built by `python -m mmqa.index build`")
+                        "alone, an index built by `python -m mmqa index build`")
     parser.add_argument("--clip", metavar="NAME", help="search with a real open_clip model: a name (ViT-B-32), a "
                         "model config .json, or local-dir:FOLDER")
     parser.add_argument("--clip-pretrained", metavar="NAME_OR_FILE",

@@ -28,9 +28,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
+from mmqa.build import build_experiment
 from mmqa.bundle import Bundle
-from mmqa.retrieval import ImageIndex
-from mmqa.train import build_experiment
+from mmqa.image_index import ImageIndex
 
 ROOT = Path(__file__).resolve().parents[1]
 QUERY = "a large red circle left of a small blue square"

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 
-from mmqa.train import build_experiment
+from mmqa.build import build_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,7 +30,7 @@ def bench(fusion: str, steps: int, overrides: list[str]) -> dict:
     dm, lit = build_experiment(cfg)
     lit.train()  # training mode for every loss term
     model = lit.model
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr)
+    opt = instantiate(cfg.optim)(params=model.parameters())
     batches = iter(dm.loader("train", train=True))
     times, images, questions = [], 0, 0
     for i in range(steps + 2):  # two warm-up steps

@@ -1,5 +1,7 @@
-"""Turning a composed config into objects: tokenizers and the model. Used by training, evaluation and
-`Bundle.load`, so a bundle is rebuilt exactly the way it was trained (no hidden constructor args)."""
+"""Turning a composed config into objects: tokenizers, the model, the data module and the
+LightningModule. Training, evaluation and `Bundle.load` all build through here, so a bundle is
+rebuilt exactly the way it was trained (no hidden constructor arguments), and there is one place
+that assembles the LightningModule."""
 
 from __future__ import annotations
 
@@ -8,7 +10,11 @@ from collections.abc import Iterable
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+import mmqa.config_check  # noqa: F401 - registers conf/train.yaml's schema (train_schema) with Hydra
+from mmqa.data.datamodule import MMQADataModule
 from mmqa.data.tokenizer import load_tokenizer, train_tokenizer
+from mmqa.errors import ConfigError
+from mmqa.lit_module import LitMMQA
 from mmqa.models.mmqa_model import MMQAModel
 
 
@@ -48,3 +54,47 @@ def build_model(
             "pad_token_id": decoder_tokenizer.pad_token_id,
         },
     )
+
+
+def build_lit_module(cfg: DictConfig, model: MMQAModel, dm: MMQADataModule, split: str = "train",
+                     train: bool = True) -> LitMMQA:
+    """The LightningModule for `cfg` (a composed train config, or a bundle's stored one) around
+    `model`, with the vocabularies `dm` was given (`MMQADataModule.attach`). `split`: the split whose
+    question families are scored; `train=False` leaves out the optimiser and schedule (evaluation)."""
+    return LitMMQA(
+        model,
+        answers=dm.answers,
+        families=dm.families(split),
+        decoder_tokenizer=dm.tokenizers[1],
+        loss_weights=cfg.loss,
+        optimizer=instantiate(cfg.optim) if train else None,
+        scheduler=instantiate(cfg.scheduler) if train else None,
+        generation=cfg.generation,
+        max_caption_eval_images=cfg.eval.max_caption_eval_images,
+        ingredients=dm.ingredients,
+        recipe=cfg.get("recipe"),
+        concepts=dm.concepts,
+    )
+
+
+def build_experiment(cfg: DictConfig, assets: tuple | None = None) -> tuple[MMQADataModule, LitMMQA]:
+    """The data module (records read, tokenizers, vocabularies and image normalisation attached) and
+    the LightningModule for `cfg`. `assets` = (text tokenizer, decoder tokenizer, answers,
+    ingredients) to reuse; without it they are built from the training split."""
+    dm = instantiate(cfg.data)
+    dm.load_records()
+    if assets is None:
+        text_tok, dec_tok = build_tokenizers(cfg.model, cfg.tokenizer, dm.train_texts())
+        assets = (text_tok, dec_tok, dm.answer_vocab(), dm.ingredient_vocab())
+    text_tok, dec_tok, answers, ingredients = assets
+    model = build_model(cfg.model, len(answers), text_tok, dec_tok, len(ingredients))
+    # from the data each time (only the training-time concept head uses it); none when the loss is off
+    concepts = dm.concept_vocab() if cfg.loss.concepts > 0 else []
+    dm.attach(text_tok, dec_tok, answers, ingredients, concepts, normalization=model.image_encoder.normalization)
+    positions = model.decoder.gpt2.config.n_positions
+    if cfg.data.max_recipe_length > positions and any(r.recipe for r in dm.records["train"]):
+        raise ConfigError(
+            f"data.max_recipe_length={cfg.data.max_recipe_length} exceeds the decoder's {positions} positions "
+            f"(model.decoder.max_length): use experiment=recipes, or raise model.decoder.max_length"
+        )
+    return dm, build_lit_module(cfg, model, dm)

@@ -8,26 +8,25 @@ is ever executed. The demo, the CLI and the tests all go through these methods.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from PIL import Image
 from safetensors.torch import load_model, save_model
 
+from mmqa.atomic import atomic_dir
 from mmqa.build import build_model
 from mmqa.data.images import ImageTransform, load_image, to_rgb
+from mmqa.data.recipe_text import parse_recipe
 from mmqa.data.tokenizer import load_tokenizer
 from mmqa.errors import MMQAError
-from mmqa.data.recipes import parse_recipe
-from mmqa.generate import generate_captions
 from mmqa.models.mmqa_model import MMQAModel
-from mmqa.recipe import RecipeSettings, predict_ingredients, write_recipes
+from mmqa.recipe_generation import RecipeSettings, predict_ingredients, write_recipes
+from mmqa.text_generation import generate_captions
 
 WEIGHTS = "model.safetensors"
 
@@ -45,6 +44,40 @@ def write_assets(
     (path / "ingredients.json").write_text(json.dumps(list(ingredients), indent=0))
 
 
+# Where classes named in the configs of older bundles live now (a bundle rebuilds its model from them)
+MOVED_TARGETS = {
+    "mmqa.models.decoder.CaptionDecoder": "mmqa.models.decoder.GPT2Decoder",
+    "mmqa.data.builtin.ShapesReader": "mmqa.data.readers.shapes.ShapesReader",
+    "mmqa.data.builtin.DishesReader": "mmqa.data.readers.dishes.DishesReader",
+    "mmqa.data.readers.JsonlReader": "mmqa.data.readers.jsonl.JsonlReader",
+    "mmqa.data.readers.VQAv2Reader": "mmqa.data.readers.vqav2.VQAv2Reader",
+    "mmqa.data.readers.CocoCaptionsReader": "mmqa.data.readers.coco_captions.CocoCaptionsReader",
+    "mmqa.data.recipe1m.Recipe1MReader": "mmqa.data.readers.recipe1m.Recipe1MReader",
+}
+
+
+def upgrade_config(cfg: DictConfig) -> DictConfig:
+    """A bundle config written by an older mmqa, in today's terms: moved classes under their new
+    names, and the image normalisation (once `data.mean` / `data.std`) with the image encoder that
+    owns it now."""
+    def walk(node):
+        if isinstance(node, DictConfig):
+            if node.get("_target_") in MOVED_TARGETS:
+                node._target_ = MOVED_TARGETS[node._target_]
+            for key in node:
+                walk(node._get_node(key))
+    walk(cfg)
+    with open_dict(cfg):
+        cfg.model.setdefault("image_position_scale", 0.0)  # bundles from before grid positions had none
+    data, enc = cfg.get("data") or {}, OmegaConf.select(cfg, "model.image_encoder") or {}
+    if "mean" in data and "mean" not in enc and enc.get("_target_", "").endswith("TimmImageEncoder"):
+        with open_dict(cfg):
+            enc.mean, enc.std = data.mean, data.std
+            enc.setdefault("stem_channels", None)
+            enc.setdefault("stem_strides", None)
+    return cfg
+
+
 def read_assets(path: Path) -> tuple[DictConfig, object, object, list[str], list[str]]:
     """(config, text tokenizer, decoder tokenizer, answers, ingredients); bundles from before the
     recipe task have no ingredients.json and read as having no ingredients."""
@@ -53,7 +86,7 @@ def read_assets(path: Path) -> tuple[DictConfig, object, object, list[str], list
     if missing:
         raise MMQAError(f"{path} is not an mmqa bundle: missing {', '.join(missing)}")
     try:  # OmegaConf reads YAML with a safe loader: a `!!python/...` tag is refused, never run
-        cfg = OmegaConf.load(path / "config.yaml")
+        cfg = upgrade_config(OmegaConf.load(path / "config.yaml"))
     except yaml.YAMLError as e:
         raise MMQAError(f"{path / 'config.yaml'}: not a valid bundle config: {e}") from None
     answers = json.loads((path / "answers.json").read_text())
@@ -96,23 +129,15 @@ class Bundle:
         self.answers = answers
         self.ingredients = list(ingredients)
         self._tokenizer_lock = threading.Lock()
-        self.transform = ImageTransform(cfg.data.image_size, list(cfg.data.mean), list(cfg.data.std))
+        self.transform = ImageTransform(cfg.data.image_size, *model.image_encoder.normalization)
 
     # ----------------------------------------------------------------------------- save / load
     def save(self, path: str | Path) -> Path:
         """Write atomically: into a temporary sibling, then rename over `path`."""
         path = Path(path)
-        tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        write_assets(tmp, self.cfg, self.text_tokenizer, self.decoder_tokenizer, self.answers, self.ingredients)
-        save_model(self.model, str(tmp / WEIGHTS))  # handles GPT-2's tied embeddings
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{os.getpid()}"
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
+        with atomic_dir(path) as tmp:
+            write_assets(tmp, self.cfg, self.text_tokenizer, self.decoder_tokenizer, self.answers, self.ingredients)
+            save_model(self.model, str(tmp / WEIGHTS))  # handles GPT-2's tied embeddings
         return path
 
     @classmethod

@@ -20,7 +20,6 @@ Lightning checkpoints.
 from __future__ import annotations
 
 import logging
-import os
 import pickle
 import random
 from pathlib import Path
@@ -34,6 +33,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from mmqa.atomic import atomic_file
 from mmqa.errors import MMQAError
 
 log = logging.getLogger(__name__)
@@ -49,18 +49,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options")
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)  # atomic on one file system: the old file or the new one, never half
-            _fsync_dir(path.parent)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with atomic_file(path) as tmp, open(tmp, "wb") as f:  # the old file or the new one, never half
+            torch.save(checkpoint, f)
 
     def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
         """Always `weights_only=True`, whatever the caller asks."""
@@ -74,20 +64,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f"({detail}). mmqa loads checkpoints with weights_only=True so that no file can run code; "
                 f"resume only from checkpoints written by mmqa"
             ) from None
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make the rename itself durable (POSIX); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class RNGState(L.Callback):

@@ -1,15 +1,16 @@
-"""The start-up check of a composed training config: every key known, every value of its type, no
-combination that cannot work. `train()` calls `check_config` before anything is read or built, and
-all problems come back at once in one `ConfigError` that names each key and lists the valid ones.
+"""The configuration's contract, in two parts.
 
-Hydra itself refuses an override of a key that does not exist (`optim.lrr=1`) and an unknown option
-of a group (`model/fusion=mid`, with the list of options). What it lets through, and this catches:
-a key added with `+` or misspelt inside a YAML file, a value of the wrong type (`data.batch_size=abc`)
-and impossible combinations. The valid keys come from where they are used, so no number is written
-twice: the dataclasses below for the sections without a `_target_` (their values stay in conf/), the
-tasks of `mmqa.lit_module` for `loss`, transformers' `GenerationConfig` for `generation`, and the
-signature of the class or function a `_target_` names for every node that has one (a key it does
-not take is a typo; a value whose type its annotation rules out would fail there later).
+- **The schema** (`TrainConfig`, registered with Hydra's ConfigStore as `train_schema`, the first
+  entry of conf/train.yaml's defaults): the keys of the sections that have no `_target_`, with their
+  types. Hydra enforces it while composing, so an unknown key (`+seeed=1`, `loss.vqaa=1`), a missing
+  one or a value of the wrong type (`loss.vqa=abc`) fails before anything runs, naming the key.
+- **`check_config`**, which `train()` calls before anything is read or built, and which returns all
+  problems at once in one `ConfigError`: every `_target_` node's keys must be parameters of the class
+  or function it names, with values its annotations allow (`model.fusion.deptth`, `optim.lrr`,
+  `data.batch_size=abc`: a key it does not take is a typo, found with the valid keys and the nearest
+  one); `generation` keys must be options of transformers' `GenerationConfig`; and no combination
+  of values may be one that cannot work (a contrastive loss with batch size 1, a width not divisible
+  by its heads, ...).
 """
 
 from __future__ import annotations
@@ -18,72 +19,93 @@ import difflib
 import inspect
 import types
 import typing
-from dataclasses import dataclass, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass
 from functools import cache
 from typing import Any
 
+from hydra.core.config_store import ConfigStore
 from hydra.utils import get_object
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from mmqa.data.validate import ON_BAD_SAMPLE
 from mmqa.errors import ConfigError
 
 HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
+TARGET_SECTIONS = ("data", "model", "optim", "scheduler", "trainer")  # each one `_target_` node
+NAMED_TARGET_SECTIONS = ("callbacks", "logger")  # named entries, each a `_target_` node or null (off)
 
 
 @dataclass
-class Optim:
-    lr: float
-    weight_decay: float
-    betas: list[float]
-    warmup_fraction: float
+class Loss:
+    """The weight of each loss term (mmqa/lit_module.py `TASKS`); 0 switches a term off."""
+
+    vqa: float = MISSING
+    caption: float = MISSING
+    contrastive: float = MISSING
+    concepts: float = MISSING
+    ingredients: float = MISSING
+    recipe: float = MISSING
 
 
 @dataclass
 class Tokenizer:
-    vocab_size: int
-    min_frequency: int
+    vocab_size: int = MISSING
+    min_frequency: int = MISSING
 
 
 @dataclass
 class Eval:
-    max_caption_eval_images: int
+    max_caption_eval_images: int = MISSING
 
 
 @dataclass
 class Recipe:
-    ingredient_threshold: float
-    prompt_threshold: float
-    ban_absent_ingredients: bool
-    generation: dict
+    ingredient_threshold: float = MISSING
+    prompt_threshold: float = MISSING
+    ban_absent_ingredients: bool = MISSING
+    generation: dict[str, Any] = MISSING
 
 
 @dataclass
 class TrainConfig:
-    """The top level of conf/train.yaml; the groups are checked through their `_target_`s."""
+    """The top level of conf/train.yaml. The values live in the YAML files; this holds only names
+    and types. Sections built with `_target_` are `Any` here: `check_config` checks them against
+    the signature of what they build."""
 
-    task_name: str
-    seed: int
-    ckpt_path: str | None
-    optimized_metric: str | None
-    optim: Optim
-    tokenizer: Tokenizer
-    generation: dict
-    eval: Eval
-    recipe: Recipe
-    loss: dict
-    data: Any
-    model: Any
-    trainer: Any
-    logger: Any
-    callbacks: Any
-    paths: Any
+    task_name: str = MISSING
+    seed: int = MISSING
+    ckpt_path: str | None = MISSING
+    optimized_metric: str | None = MISSING
+    tokenizer: Tokenizer = field(default_factory=Tokenizer)
+    generation: dict[str, Any] = MISSING
+    eval: Eval = field(default_factory=Eval)
+    recipe: Recipe = field(default_factory=Recipe)
+    loss: Loss = field(default_factory=Loss)
+    data: Any = MISSING
+    model: Any = MISSING
+    optim: Any = MISSING
+    scheduler: Any = MISSING
+    trainer: Any = MISSING
+    logger: Any = None
+    callbacks: Any = None
+    paths: Any = MISSING
+
+
+ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 
 
 def check_config(cfg: DictConfig) -> None:
     """Raise one `ConfigError` listing every problem of `cfg` (a composed conf/train.yaml)."""
     problems: list[str] = []
-    _check_fields(cfg, TrainConfig, "", problems)
+    _check_added_keys(cfg, "", problems)
+    for section in TARGET_SECTIONS:
+        _check_target(cfg[section], f"{section}.", problems)
+    for section in NAMED_TARGET_SECTIONS:
+        for name, node in (cfg.get(section) or {}).items():
+            if isinstance(node, DictConfig):
+                _check_target(node, f"{section}.{name}.", problems)
+    for where in ("generation", "recipe.generation"):
+        _check_generation(OmegaConf.select(cfg, where), where, problems)
     if not problems:  # the combinations read keys that must exist with the right types
         _check_combinations(cfg, problems)
     if problems:
@@ -91,42 +113,23 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"invalid config ({len(problems)} problem{'s' * (len(problems) > 1)}):\n{listed}")
 
 
-# ------------------------------------------------------------------------------------- keys, types
-
-
-def _check_fields(node: DictConfig, schema: type, path: str, problems: list[str]) -> None:
-    """`node` against the dataclass `schema`: no unknown key, no missing one, each value of its type."""
-    hints = _hints(schema)
+def _check_added_keys(node: DictConfig, path: str, problems: list[str]) -> None:
+    """Keys the schema does not have. Hydra refuses them in a YAML file, but lets `+key=value` on the
+    command line add one even to a typed section; in a schema section such a key is a typo."""
+    schema = OmegaConf.get_type(node)
+    if not is_dataclass(schema):
+        return  # an untyped section: its `_target_` signature is checked instead
+    valid = [f.name for f in fields(schema)]
     for key in node:
-        where = f"{path}{key}"
-        if key not in hints:
-            problems.append(f"{where}: unknown key{_did_you_mean(key, hints)}; valid keys: {', '.join(sorted(hints))}")
-            continue
-        _check_value(node, key, hints[key], where, problems)
-    problems += [f"{path}{k}: missing" for k in hints if k not in node]
+        if key not in valid:
+            problems.append(f"{path}{key}: unknown key{_did_you_mean(key, valid)}; valid keys: {', '.join(sorted(valid))}")
+        elif isinstance(node._get_node(key), DictConfig):
+            _check_added_keys(node[key], f"{path}{key}.", problems)
 
 
-def _check_value(node: DictConfig, key: str, hint: Any, where: str, problems: list[str]) -> None:
-    try:
-        value = node[key]
-    except Exception:  # noqa: BLE001 - an interpolation only Hydra's runtime resolves; not this check's business
-        return
-    schema = next((h for h in (hint, *typing.get_args(hint)) if is_dataclass(h)), None)  # also `X | None`
-    if schema is not None and not (value is None and _matches(None, hint)):
-        if isinstance(value, DictConfig):
-            _check_fields(value, schema, f"{where}.", problems)
-        else:
-            problems.append(f"{where}: expected a section with keys {', '.join(_hints(schema))}, got {value!r}")
-    elif where == "loss":
-        _check_loss(value, problems)
-    elif where in ("generation", "recipe.generation"):
-        _check_generation(value, where, problems)
-    elif isinstance(value, DictConfig) and "_target_" in value:
+def _check_value(value: Any, hint: Any, where: str, problems: list[str]) -> None:
+    if isinstance(value, DictConfig) and "_target_" in value:
         _check_target(value, f"{where}.", problems)
-    elif isinstance(value, DictConfig) and where in ("callbacks", "logger"):
-        for name in value:  # named entries, each a `_target_` node or null (switched off)
-            if isinstance(value[name], DictConfig):
-                _check_target(value[name], f"{where}.{name}.", problems)
     elif not _matches(value, hint):
         problems.append(f"{where}: expected {_type_text(hint)}, got {value!r} ({type(value).__name__})")
 
@@ -142,7 +145,11 @@ def _check_target(node: DictConfig, path: str, problems: list[str]) -> None:
     accepted = {k: hints.get(k, Any) for k in params} | {k: Any for k in HYDRA_KEYS}
     for key in node:
         if key in accepted:
-            _check_value(node, key, accepted[key], f"{path}{key}", problems)
+            try:
+                value = node[key]
+            except Exception:  # noqa: BLE001 - an interpolation only Hydra's runtime resolves; not this check's business
+                continue
+            _check_value(value, accepted[key], f"{path}{key}", problems)
         elif not open_ended:
             problems.append(f"{path}{key}: unknown key{_did_you_mean(key, params)}; "
                             f"{node._target_} takes: {', '.join(params)}")
@@ -161,12 +168,6 @@ def _signature(target: Any) -> tuple[list[str], dict[str, Any], bool]:
     except Exception:  # noqa: BLE001 - annotations naming what is only imported for type checkers
         hints = {}
     return params, hints, open_ended
-
-
-@cache
-def _hints(schema: type) -> dict[str, Any]:
-    resolved = typing.get_type_hints(schema)
-    return {f.name: resolved[f.name] for f in fields(schema)}
 
 
 def _matches(value: Any, hint: Any) -> bool:
@@ -216,19 +217,6 @@ def _did_you_mean(key: str, valid) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
-def _check_loss(loss: Any, problems: list[str]) -> None:
-    from mmqa.lit_module import TASKS  # the loss terms are the LightningModule's
-
-    if not isinstance(loss, DictConfig):
-        problems.append(f"loss: expected a weight per task ({', '.join(TASKS)}), got {loss!r}")
-        return
-    for key in loss:
-        if key not in TASKS:
-            problems.append(f"loss.{key}: unknown loss term{_did_you_mean(key, TASKS)}; valid: {', '.join(TASKS)}")
-        elif not _matches(loss[key], float) or loss[key] < 0:
-            problems.append(f"loss.{key}: expected a weight >= 0, got {loss[key]!r}")
-
-
 def _check_generation(generation: Any, where: str, problems: list[str]) -> None:
     from transformers import GenerationConfig
 
@@ -250,6 +238,8 @@ def _check_combinations(cfg: DictConfig, problems: list[str]) -> None:
         if not ok:
             problems.append(problem)
 
+    for term, weight in w.items():
+        need(weight >= 0, f"loss.{term}: expected a weight >= 0, got {weight}")
     need(any(v > 0 for v in w.values()), f"loss: every weight is 0 ({dict(w)}): nothing to train; set one > 0")
     if w.get("contrastive", 0) > 0:
         need(d.batch_size >= 2, f"loss.contrastive={w['contrastive']} needs data.batch_size >= 2 (each image is "
@@ -268,12 +258,16 @@ def _check_combinations(cfg: DictConfig, problems: list[str]) -> None:
     need(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
     need(d.get("concept_top_k", 0) >= 0, f"data.concept_top_k must be >= 0 (0: no concept loss), got {d.get('concept_top_k')}")
     need(0 < d.val_fraction < 1, f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
-    need(len(d.mean) == 3 and len(d.std) == 3 and all(s > 0 for s in d.std),
-         f"data.mean and data.std need 3 values (R, G, B), std > 0; got {list(d.mean)} and {list(d.std)}")
+    enc = cfg.model.image_encoder
+    if "mean" in enc and "std" in enc:
+        need(len(enc.mean) == 3 and len(enc.std) == 3 and all(s > 0 for s in enc.std),
+             f"model.image_encoder.mean and .std need 3 values (R, G, B), std > 0; got {list(enc.mean)} and {list(enc.std)}")
     need(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
     need(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
     need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"optim.betas needs two values in [0, 1), got {list(o.betas)}")
-    need(0 <= o.warmup_fraction < 1, f"optim.warmup_fraction must be in [0, 1), got {o.warmup_fraction}")
+    warmup = cfg.scheduler.get("warmup_fraction")
+    if warmup is not None:
+        need(0 <= warmup < 1, f"scheduler.warmup_fraction must be in [0, 1), got {warmup}")
     need(cfg.generation.get("num_beams", 1) >= 1, f"generation.num_beams must be >= 1, got {cfg.generation.get('num_beams')}")
     patch = OmegaConf.select(cfg, "model.image_encoder.patch_size")
     if isinstance(patch, int) and patch > 0:

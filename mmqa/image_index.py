@@ -31,11 +31,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
-from safetensors import safe_open
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from mmqa.atomic import atomic_file, write_atomic
 from mmqa.data.images import load_image, to_rgb
 from mmqa.errors import DataError, MMQAError
 
@@ -70,9 +71,8 @@ def find_images(root: str | Path) -> list[Path]:
 def bundle_model_id(bundle) -> str:
     """A hash of everything that decides a bundle's image embeddings: the model config, the image
     preprocessing and every weight. Two bundles with the same id embed every image identically."""
-    data = bundle.cfg.data
-    return weights_hash(bundle.model, OmegaConf.to_yaml(bundle.cfg.model),
-                        json.dumps([data.image_size, list(data.mean), list(data.std)]))
+    t = bundle.transform
+    return weights_hash(bundle.model, OmegaConf.to_yaml(bundle.cfg.model), json.dumps([t.size, t.mean, t.std]))
 
 
 def weights_hash(module: torch.nn.Module, *describe: str) -> str:
@@ -243,9 +243,9 @@ class ImageIndex:
             "sources": self.sources,
             "skipped": self.skipped,
         }
-        _write_atomically(path / EMBEDDINGS,
-                          lambda tmp: save_file({"embeddings": self.embeddings}, str(tmp), metadata={"build": build}))
-        _write_atomically(path / INDEX_JSON, lambda tmp: tmp.write_text(json.dumps(meta, indent=1), encoding="utf-8"))
+        with atomic_file(path / EMBEDDINGS) as tmp:
+            save_file({"embeddings": self.embeddings}, str(tmp), metadata={"build": build})
+        write_atomic(path / INDEX_JSON, json.dumps(meta, indent=1))
         return path
 
     @classmethod
@@ -313,24 +313,13 @@ class ImageIndex:
         return self._faiss
 
 
-def _write_atomically(final: Path, write: Callable[[Path], object]) -> None:
-    """`write(tmp)` into a temporary sibling, then rename it over `final`: readers see the old file or
-    the new one, never half of one."""
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def load_or_build(model_id: str, embed_fn: EmbedFn, paths: Sequence[str | Path] | None, index_dir: str | Path, *,
                   batch_size: int = BATCH_SIZE, progress: bool = True,
                   faiss_threshold: int = FAISS_THRESHOLD) -> ImageIndex:
     """The index of `paths` by the model `model_id` (see `bundle_model_id`): the one saved in
     `index_dir` when it was built by that model from these same, unchanged files; otherwise built
     afresh and saved there. `paths=None` means the files the saved index lists (an index made by
-    `python -m mmqa.index build`), which must then exist."""
+    `python -m mmqa index build`), which must then exist."""
     index_dir = Path(index_dir)
     saved = None
     if paths is None or (index_dir / INDEX_JSON).exists():

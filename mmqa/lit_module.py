@@ -1,10 +1,13 @@
 """The LightningModule: the multi-task loss (VQA soft-score BCE + caption LM + CLIP contrastive +
 caption-concept BCE + ingredient BCE + recipe LM, each computed only where the batch has its labels
-and weighted from the config), the metrics under "split/name" keys, and AdamW with linear warmup + cosine decay. The model
+and weighted from the config), the metrics under "split/name" keys, and the optimiser and schedule
+given by the config (conf/optim/, conf/scheduler/), completed here with the parameters. The model
 itself is plain PyTorch (`mmqa.models`); the concept head, a training-only aid, lives here and is not
-part of the exported bundle."""
+part of the exported bundle. `mmqa.build.build_lit_module` builds it from a config."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import lightning as L
 import torch
@@ -14,14 +17,14 @@ from open_clip.loss import ClipLoss
 from transformers import get_cosine_schedule_with_warmup
 
 from mmqa.data.batch import Batch
-from mmqa.data.recipes import ingredient_names, parse_recipe
+from mmqa.data.recipe_text import ingredient_names, parse_recipe
 from mmqa.errors import MMQAError
-from mmqa.generate import generate_captions
 from mmqa.metrics import CaptionScores, RetrievalRecall, VQAAccuracy
 from mmqa.metrics.ingredients import HallucinationRate, IngredientScores
 from mmqa.models.heads import PatchSetHead
 from mmqa.models.mmqa_model import MMQAModel
-from mmqa.recipe import RecipeSettings, predict_ingredients, write_recipes
+from mmqa.recipe_generation import RecipeSettings, predict_ingredients, write_recipes
+from mmqa.text_generation import generate_captions
 
 TASKS = ("vqa", "caption", "contrastive", "concepts", "ingredients", "recipe")
 # each epoch metric (attribute `<split>_<name>`) -> the keys logged under "<split>/" from its value
@@ -34,6 +37,11 @@ EPOCH_METRICS = {
     "hallucination": lambda v: {"recipe_hallucination": v},
     "recipe_nll": lambda v: {"recipe_perplexity": v.exp()},  # mean NLL per recipe token
 }
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, num_training_steps: int, warmup_fraction: float):
+    """Linear warmup over `warmup_fraction` of the steps, then cosine decay to 0 (conf/scheduler/warmup_cosine.yaml)."""
+    return get_cosine_schedule_with_warmup(optimizer, int(warmup_fraction * num_training_steps), num_training_steps)
 
 
 def summed_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:  # (R, K), (R, K) -> ()
@@ -54,14 +62,16 @@ class LitMMQA(L.LightningModule):
         families: list[str],
         decoder_tokenizer,
         loss_weights: dict[str, float],
-        optim: dict,
+        optimizer: Callable[..., torch.optim.Optimizer] | None,
+        scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None,
         generation: dict,
         max_caption_eval_images: int,
         ingredients: list[str] = (),
         recipe: dict | None = None,
         concepts: list[str] = (),
     ):
-        """`concepts`: the caption-word vocabulary of the concept loss (`mmqa.data.concepts`; no concept
+        """`optimizer` and `scheduler`: partials (`_partial_: true` in conf/optim/ and conf/scheduler/)
+        completed in `configure_optimizers`; None for a module that only evaluates. `concepts`: the caption-word vocabulary of the concept loss (`mmqa.data.concepts`; no concept
         head when it is empty or `loss_weights["concepts"]` is 0); `ingredients`: the ingredient
         vocabulary (empty without recipe data); `recipe`: the
         `ingredient_threshold`, `prompt_threshold`, `ban_absent_ingredients` and the recipe `generation`
@@ -75,7 +85,7 @@ class LitMMQA(L.LightningModule):
         self.families = families
         self.dec_tok = decoder_tokenizer
         self.loss_weights = {t: float(loss_weights.get(t, 0.0)) for t in TASKS}
-        self.optim = optim
+        self.make_optimizer, self.make_scheduler = optimizer, scheduler
         self.generation = dict(generation)
         self.max_caption_eval_images = max_caption_eval_images
         self.ingredients = list(ingredients)
@@ -112,7 +122,7 @@ class LitMMQA(L.LightningModule):
             losses["vqa"] = summed_bce(logits, batch.vqa_targets)
             out["vqa_logits"] = logits
         if batch.num_captions and (w["caption"] > 0 or not self.training):
-            losses["caption"] = m.lm_loss(img, batch.c_img_idx, batch.d_input_ids, batch.d_attention_mask, batch.d_labels)
+            losses["caption"] = m.lm_loss(img, batch.c_img_idx, batch.c_dec_input_ids, batch.c_dec_attention_mask, batch.c_dec_labels)
         if batch.num_recipes and (w["recipe"] > 0 or not self.training):
             losses["recipe"] = m.lm_loss(img, batch.r_img_idx, batch.r_input_ids, batch.r_attention_mask, batch.r_labels)
         if m.ingredient_head is not None and batch.has_ingredients.any() and (w["ingredients"] > 0 or not self.training):
@@ -241,18 +251,14 @@ class LitMMQA(L.LightningModule):
 
     # ----------------------------------------------------------------------------- optimisation
     def configure_optimizers(self):
-        o = self.optim
+        if self.make_optimizer is None or self.make_scheduler is None:
+            raise MMQAError("this LitMMQA was built to evaluate, without an optimizer and scheduler; "
+                            "build it with mmqa.build.build_lit_module(cfg, model, dm, train=True)")
         decay, no_decay = [], []
         for name, p in self.named_parameters():  # the model's and the concept head's
             if p.requires_grad:
                 # norms, biases, embeddings' scalars and the temperature are not decayed
                 (no_decay if p.ndim < 2 else decay).append(p)
-        opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": o["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=o["lr"],
-            betas=tuple(o["betas"]),
-        )
-        total = self.trainer.estimated_stepping_batches
-        warmup = int(o["warmup_fraction"] * total)
-        sched = get_cosine_schedule_with_warmup(opt, warmup, total)
+        opt = self.make_optimizer(params=[{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
+        sched = self.make_scheduler(optimizer=opt, num_training_steps=self.trainer.estimated_stepping_batches)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from mmqa.data.batch import prompt_ids
-from mmqa.data.recipes import recipe_prompt
+from mmqa.data.recipe_text import recipe_prompt
 from mmqa.models.mmqa_model import MMQAModel
 from mmqa.models.outputs import EncoderOutput
 

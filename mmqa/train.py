@@ -7,24 +7,23 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import signal
 import time
 from pathlib import Path
 
 import lightning as L
+from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from mmqa.build import build_model, build_tokenizers
+from mmqa.atomic import write_json
+from mmqa.build import build_experiment
 from mmqa.bundle import Bundle, read_assets, write_assets
 from mmqa.checkpointing import AtomicCheckpointIO, RNGState, SaveOnSigterm
 from mmqa.config_check import check_config
 from mmqa.data.datamodule import MMQADataModule
 from mmqa.errors import ConfigError
-from mmqa.lit_module import LitMMQA
 
 log = logging.getLogger(__name__)
 
@@ -82,48 +81,6 @@ def report_skipped(dm: MMQADataModule, out: Path) -> None:
     skip_log.write(out / SKIPPED)
     if skip_log.skipped:
         log.warning(f"data.on_bad_sample=skip: {skip_log.summary()}; each is listed in {out / SKIPPED}")
-
-
-def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, path)
-
-
-def build_experiment(cfg: DictConfig, assets: tuple | None = None) -> tuple[MMQADataModule, LitMMQA]:
-    """The data module (records read, tokenizers and answer vocabulary attached) and the
-    LightningModule for `cfg`. `assets` = (text tokenizer, decoder tokenizer, answers, ingredients) to reuse;
-    without it they are built from the training split."""
-    dm = instantiate(cfg.data)
-    dm.load_records()
-    if assets is None:
-        text_tok, dec_tok = build_tokenizers(cfg.model, cfg.tokenizer, dm.train_texts())
-        assets = (text_tok, dec_tok, dm.answer_vocab(), dm.ingredient_vocab())
-    text_tok, dec_tok, answers, ingredients = assets
-    # from the data each time (only the training-time concept head uses it); none when the loss is off
-    concepts = dm.concept_vocab() if cfg.loss.get("concepts", 0) > 0 else []
-    dm.attach(text_tok, dec_tok, answers, ingredients, concepts)
-    model = build_model(cfg.model, len(answers), text_tok, dec_tok, len(ingredients))
-    positions = model.decoder.gpt2.config.n_positions
-    if cfg.data.max_recipe_length > positions and any(r.recipe for r in dm.records["train"]):
-        raise ConfigError(
-            f"data.max_recipe_length={cfg.data.max_recipe_length} exceeds the decoder's {positions} positions "
-            f"(model.decoder.max_length): use experiment=recipes, or raise model.decoder.max_length"
-        )
-    lit = LitMMQA(
-        model,
-        answers=answers,
-        families=dm.families(),
-        decoder_tokenizer=dec_tok,
-        loss_weights=cfg.loss,
-        optim=cfg.optim,
-        generation=cfg.generation,
-        max_caption_eval_images=cfg.eval.max_caption_eval_images,
-        ingredients=ingredients,
-        recipe=cfg.get("recipe"),
-        concepts=concepts,
-    )
-    return dm, lit
 
 
 def train(cfg: DictConfig) -> dict[str, float]:

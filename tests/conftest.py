@@ -14,36 +14,15 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
+import mmqa.config_check  # noqa: F401 - registers the config schema that conf/train.yaml names
+
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
-# The real default config with every size shrunk: a training run takes seconds.
-TINY_DATA = [
-    "data.reader.n_train=24",
-    "data.reader.n_val=8",
-    "data.reader.n_test=8",
-    "data.reader.questions_per_image=3",
-    "data.reader.progress=false",
-    "data.image_size=32",
-    "data.batch_size=8",
-    "data.eval_batch_size=8",
-]
-TINY = [
-    *TINY_DATA,
-    "model.dim=32",
-    "model.embed_dim=16",
-    "model.image_encoder.width=32",
-    "model.image_encoder.depth=1",
-    "model.image_encoder.heads=2",
-    "model.text_encoder.width=32",
-    "model.text_encoder.depth=1",
-    "model.text_encoder.heads=2",
-    "model.decoder.width=32",
-    "model.decoder.depth=1",
-    "model.decoder.heads=2",
-    "trainer.max_epochs=1",
-    "generation.max_new_tokens=6",
-]
+# The real default config with every size shrunk (conf/debug/tiny.yaml): a training run takes seconds.
+TINY = ["debug=tiny"]
+TINY_DATA = ["debug=tiny_data"]  # the data part alone, for conf/evaluate.yaml
+NORMALIZATION = ([0.5] * 3, [0.25] * 3)  # (mean, std) for data modules built by hand
 
 
 def read_lines(path: Path) -> list[dict]:
@@ -52,7 +31,7 @@ def read_lines(path: Path) -> list[dict]:
 
 
 def compose_cfg(data_dir: Path, out_dir: Path, overrides=(), config_name: str = "train"):
-    """The composed config as train.py (or `python -m mmqa.evaluate`, which has no model keys) would see
+    """The composed config as train.py (or `python -m mmqa evaluate`, which has no model keys) would see
     it, with paths pointed at temporary folders."""
     tiny = TINY if config_name == "train" else TINY_DATA
     with initialize_config_dir(str(CONF), version_base="1.3"):
@@ -80,7 +59,7 @@ def tiny_cfg(data_dir, tmp_path):
 @pytest.fixture
 def tiny_parts(tiny_cfg):
     """(cfg, datamodule, model, LitMMQA, one training batch) for the default tiny config."""
-    from mmqa.train import build_experiment
+    from mmqa.build import build_experiment
 
     def make(*overrides):
         cfg = tiny_cfg(*overrides)

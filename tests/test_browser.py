@@ -8,10 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from test_demo import serve, session_bundle
 
 from mmqa.app import build_demo
 from mmqa.app.ui import builtin_examples
-from test_demo import serve, session_bundle
 
 CHROMIUM = Path("/usr/bin/chromium")
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",

@@ -4,14 +4,15 @@ YAML file fails here, not in somebody's sweep."""
 from __future__ import annotations
 
 import pytest
+from conftest import CONF, ROOT
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from conftest import CONF, ROOT
-
+BASES = {"data": "base"}  # the keys a group's options share, not an option on its own
 GROUPS = {
-    str(p.parent.relative_to(CONF)): sorted(x.stem for x in p.parent.glob("*.yaml"))
+    str(p.parent.relative_to(CONF)): sorted(x.stem for x in p.parent.glob("*.yaml")
+                                            if BASES.get(str(p.parent.relative_to(CONF))) != x.stem)
     for p in CONF.glob("**/*.yaml")
     if p.parent != CONF and p.parent.name != "hydra" and "reader" not in p.parent.parts
 }
@@ -28,7 +29,16 @@ def compose_option(group: str, option: str):
 
 def test_groups_found():
     assert {"data", "model", "model/fusion", "model/image_encoder", "model/text_encoder", "model/decoder",
-            "trainer", "logger", "callbacks", "paths"} <= set(GROUPS)
+            "loss", "optim", "scheduler", "trainer", "logger", "callbacks", "paths", "debug", "experiment"} <= set(GROUPS)
+
+
+def test_every_dataset_extends_the_base_and_the_base_alone_is_not_a_dataset():
+    for option in GROUPS["data"]:
+        cfg = compose_option("data", option)
+        assert cfg.data.reader._target_.startswith("mmqa.data.readers.")
+        assert cfg.data.num_workers == (0 if option in ("shapes", "dishes") else 2)  # real data decodes JPEGs in workers
+    with pytest.raises(Exception, match=r"Missing mandatory value: data\.reader"):
+        instantiate(compose_option("data", "base").data)
 
 
 @pytest.mark.parametrize("group,option", OPTIONS)
@@ -66,3 +76,35 @@ def test_unknown_fusion_lists_the_valid_choices():
     with initialize_config_dir(str(CONF), version_base="1.3"):
         with pytest.raises(Exception, match=r"(?s)Could not find 'model/fusion/mid'.*Available options.*cross.*early.*late"):
             compose("train", overrides=["model/fusion=mid", *PATHS])
+
+
+def test_the_schema_refuses_unknown_keys_and_wrong_types_while_composing(tmp_path):
+    """conf/train.yaml starts from the typed schema (mmqa/config_check.py): a misspelt key in a YAML
+    file or a value of the wrong type fails in Hydra's composition, naming the key."""
+    import shutil
+
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF, conf)
+    (conf / "experiment" / "typo.yaml").write_text("# @package _global_\nseeed: 3\n")
+    with initialize_config_dir(str(conf), version_base="1.3"):
+        with pytest.raises(Exception, match=r"(?s)Key 'seeed' not in 'TrainConfig'"):
+            compose("train", overrides=["experiment=typo", *PATHS])
+        with pytest.raises(Exception, match=r"Error merging override loss\.vqa=abc") as e:
+            compose("train", overrides=["loss.vqa=abc", *PATHS])
+    assert "Value 'abc' of type 'str' could not be converted to Float" in str(e.value.__cause__)
+
+
+def test_the_loss_schema_names_every_loss_term():
+    from dataclasses import fields
+
+    from mmqa.config_check import Loss
+    from mmqa.lit_module import TASKS
+
+    assert tuple(f.name for f in fields(Loss)) == TASKS
+
+
+@pytest.mark.parametrize("option", [o for o in GROUPS["experiment"] if o.endswith("_ablation")])
+def test_ablation_presets_are_sweeps_without_m(option):
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=[f"experiment={option}", *PATHS], return_hydra_config=True)
+    assert cfg.hydra.mode.name == "MULTIRUN" and "seed" in cfg.hydra.sweeper.params

@@ -7,10 +7,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import NORMALIZATION
 from PIL import Image
 
 from mmqa.data.datamodule import MMQADataModule, build_answer_vocab
-from mmqa.data.readers import JsonlReader
+from mmqa.data.readers.jsonl import JsonlReader
 from mmqa.data.tokenizer import train_tokenizer
 from mmqa.errors import DataError
 
@@ -31,9 +32,10 @@ def make_dataset(root, n_images=10, with_val=False):
 
 
 def datamodule(root, **kw):
-    args = dict(image_size=16, mean=[0.5] * 3, std=[0.25] * 3, batch_size=4, eval_batch_size=4, num_workers=0,
+    args = dict(image_size=16, batch_size=4, eval_batch_size=4, num_workers=0,
                 val_fraction=0.2, split_seed=0, answer_top_k=2, max_question_length=16, max_caption_length=16,
-                max_captions_per_image=2)
+                max_captions_per_image=2, max_recipe_length=64, ingredient_top_k=10, concept_top_k=0,
+                on_bad_sample="raise")
     args.update(kw)
     return MMQADataModule(JsonlReader(root), **args)
 
@@ -65,7 +67,7 @@ def test_answer_vocabulary_is_top_k_normalised_training_answers(tmp_path):
 def test_batches_carry_families_and_soft_targets(tmp_path):
     dm = datamodule(make_dataset(tmp_path), answer_top_k=3)
     tok = train_tokenizer(dm.train_texts(), 100, 1)
-    dm.attach(tok, tok, dm.answer_vocab(), dm.ingredient_vocab())
+    dm.attach(tok, tok, dm.answer_vocab(), dm.ingredient_vocab(), [], NORMALIZATION)
     batch = next(iter(dm.val_dataloader()))
     assert batch.images.shape == (2, 3, 16, 16)
     assert batch.q_families == ["counting", "attribute"] * 2

@@ -20,19 +20,19 @@ import gradio as gr
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, compose_cfg
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
-from conftest import ROOT, compose_cfg
 from mmqa.app import build_demo, launch
 from mmqa.app.inputs import MAX_SIDE, MAX_TEXT_CHARS
 from mmqa.app.serve import CONCURRENCY, QUEUE_SIZE
 from mmqa.app.ui import N_EXAMPLES, SEARCH_K, builtin_dataset, builtin_examples
 from mmqa.bundle import Bundle
 from mmqa.errors import MMQAError
-from mmqa.generate import stream_text
-from mmqa.retrieval import INDEX_DIR, INDEX_JSON, ImageIndex, bundle_model_id
+from mmqa.image_index import INDEX_DIR, INDEX_JSON, ImageIndex, bundle_model_id
+from mmqa.text_generation import stream_text
 from mmqa.train import train
 
 QUESTION = "what colour is the circle?"
@@ -318,7 +318,7 @@ def test_gallery_folder_and_saved_index_choices(served, tmp_path):
     saved = ImageIndex.load(folder / INDEX_DIR)  # kept beside the gallery for the next start
     assert len(saved) == 3 and saved.model_id == bundle_model_id(bundle)
 
-    # an index alone (as `python -m mmqa.index build --out` writes it) is searched over the files it lists
+    # an index alone (as `python -m mmqa index build --out` writes it) is searched over the files it lists
     moved = tmp_path / "elsewhere"
     (folder / INDEX_DIR).rename(moved)
     again = build_demo(bundle, index_dir=moved)(str(folder / "p0.png"), 2, api_name="search_image")
@@ -417,7 +417,7 @@ def test_train_if_missing_trains_the_default_model_then_serves_it(served, tmp_pa
 def test_demo_py_searches_with_an_open_clip_model_loaded_by_path(served, tmp_path, monkeypatch):
     from test_retrieval import save_tiny_clip
 
-    from mmqa.retrieval import open_clip_towers
+    from mmqa.image_index import open_clip_towers
 
     bundle, _, image, _ = served
     folder = tmp_path / "photos"

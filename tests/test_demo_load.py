@@ -13,9 +13,9 @@ import httpx
 import pytest
 from gradio_client import handle_file
 from gradio_client.utils import QueueError
+from test_demo import QUESTION, client_of, serve, session_bundle, shapes_test_images
 
 from mmqa.app import build_demo
-from test_demo import QUESTION, client_of, serve, session_bundle, shapes_test_images
 
 N_CLIENTS = 50
 QUESTIONS = ("what colour is the circle?", "how many shapes are there?", "is there a red square?",

@@ -13,16 +13,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import read_lines
 from PIL import Image
 
-from conftest import read_lines
-
-from mmqa.data.builtin import DishesReader
-from mmqa.data.dish_recipes import KIND_RECIPES, write_recipe
-from mmqa.data.dishes import INGREDIENTS, KINDS, generate_dishes
-from mmqa.data.generated import cached_dataset
-from mmqa.data.readers import JsonlReader
-from mmqa.data.recipes import format_recipe, ingredient_names, parse_recipe, singularise
+from mmqa.data.readers.dishes import DishesReader
+from mmqa.data.readers.jsonl import JsonlReader
+from mmqa.data.recipe_text import format_recipe, ingredient_names, parse_recipe, singularise
+from mmqa.data.worlds.cache import cached_dataset
+from mmqa.data.worlds.dish_recipes import KIND_RECIPES, write_recipe
+from mmqa.data.worlds.dishes import INGREDIENTS, KINDS, generate_dishes
 from mmqa.errors import ConfigError, DataError
 
 TINY = dict(n_train=12, n_val=4, n_test=4, image_size=64, min_ingredients=2, max_ingredients=6,

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import CONF
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-
-from conftest import CONF
 
 VARIANTS = sorted(p.stem for p in (CONF / "model" / "fusion").glob("*.yaml"))
 D, N, T, B, Q = 32, 16, 7, 3, 5

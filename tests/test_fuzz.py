@@ -21,7 +21,9 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from mmqa.data.images import load_image
-from mmqa.data.readers import CocoCaptionsReader, JsonlReader, VQAv2Reader
+from mmqa.data.readers.coco_captions import CocoCaptionsReader
+from mmqa.data.readers.jsonl import JsonlReader
+from mmqa.data.readers.vqav2 import VQAv2Reader
 from mmqa.errors import MMQAError
 
 FUZZ = settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])

@@ -9,12 +9,13 @@ from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 
 from mmqa.models.image_encoders import ConvStemPatchEmbed, TimmImageEncoder
 
-SMALL = dict(image_size=32, patch_size=8, width=32, depth=1, heads=2, mlp_ratio=2.0, drop_path=0.0)
+SMALL = dict(image_size=32, patch_size=8, width=32, depth=1, heads=2, mlp_ratio=2.0, drop_path=0.0,
+             mean=[0.5] * 3, std=[0.25] * 3, name=None, pretrained=False, stem_channels=None, stem_strides=None)
 STEM = dict(stem_channels=[8, 16, 32, 32], stem_strides=[2, 2, 2, 1])
 
 
 def test_stem_gives_one_token_per_patch():
-    enc = TimmImageEncoder(**SMALL, **STEM)
+    enc = TimmImageEncoder(**{**SMALL, **STEM})
     assert isinstance(enc.vit.patch_embed, ConvStemPatchEmbed)
     out = enc(torch.randn(3, 3, 32, 32))
     assert out.tokens.shape == (3, 16, 32) and enc.grid == 4 and out.pooled.shape == (3, 32)
@@ -23,7 +24,7 @@ def test_stem_gives_one_token_per_patch():
 def test_stem_starts_as_the_plain_vit_and_then_learns():
     torch.manual_seed(0)
     plain = TimmImageEncoder(**SMALL)
-    stem = TimmImageEncoder(**SMALL, **STEM)
+    stem = TimmImageEncoder(**{**SMALL, **STEM})
     missing, unexpected = stem.load_state_dict(plain.state_dict(), strict=False)
     assert not unexpected and all(k.startswith("vit.patch_embed.stem") for k in missing)
     images = torch.randn(4, 3, 32, 32)
@@ -39,7 +40,7 @@ def test_stem_starts_as_the_plain_vit_and_then_learns():
 def test_stem_strides_must_make_up_the_patch():
     with pytest.raises(ValueError, match=r"stem_strides=\[2, 2\] must give one stride per stem_channels entry \(4\) "
                                          r"and multiply to model.image_encoder.patch_size=8"):
-        TimmImageEncoder(**SMALL, stem_channels=[8, 16, 32, 32], stem_strides=[2, 2])
+        TimmImageEncoder(**{**SMALL, "stem_channels": [8, 16, 32, 32], "stem_strides": [2, 2]})
 
 
 def test_image_tokens_carry_their_grid_position(tiny_parts):

@@ -28,11 +28,11 @@ def test_batch_holds_each_image_once_with_all_its_labels(tiny_parts):
 def test_caption_labels_mask_padding_by_position_not_token_id(tiny_parts):
     cfg, dm, model, lit, batch = tiny_parts()
     pad = dm.tokenizers[1].pad_token_id
-    padded = batch.d_attention_mask == 0
+    padded = batch.c_dec_attention_mask == 0
     assert padded.any(), "captions of different lengths must pad"
-    assert (batch.d_labels[padded] == -100).all()
-    assert torch.equal(batch.d_labels[~padded], batch.d_input_ids[~padded])
-    assert (batch.d_input_ids[padded] == pad).all()
+    assert (batch.c_dec_labels[padded] == -100).all()
+    assert torch.equal(batch.c_dec_labels[~padded], batch.c_dec_input_ids[~padded])
+    assert (batch.c_dec_input_ids[padded] == pad).all()
 
 
 def test_gpt2_style_tokenizer_with_pad_equal_to_eos_keeps_the_eos_label(tiny_parts):
@@ -44,10 +44,10 @@ def test_gpt2_style_tokenizer_with_pad_equal_to_eos_keeps_the_eos_label(tiny_par
         collate = Collator(text_tok, tok, dm.answers, 32, 40, 2, train=False)
         rec = ImageRecord(image=dm.records["train"][0].image, id="x", captions=["a red circle", "a b"])
         b = collate([(0, torch.zeros(3, 32, 32), rec)])
-        last_real = b.d_attention_mask.sum(1) - 1  # position of each caption's [EOS]
-        eos_labels = b.d_labels[torch.arange(2), last_real]
+        last_real = b.c_dec_attention_mask.sum(1) - 1  # position of each caption's [EOS]
+        eos_labels = b.c_dec_labels[torch.arange(2), last_real]
         assert (eos_labels == tok.eos_token_id).all()  # eos stays a target although it equals pad
-        assert (b.d_labels[b.d_attention_mask == 0] == -100).all()
+        assert (b.c_dec_labels[b.c_dec_attention_mask == 0] == -100).all()
     finally:
         tok.pad_token = old
 
@@ -61,9 +61,9 @@ def test_each_loss_only_where_its_labels_exist(tiny_parts):
         c_img_idx=batch.c_img_idx[:0],
         c_input_ids=batch.c_input_ids[:0],
         c_attention_mask=batch.c_attention_mask[:0],
-        d_input_ids=batch.d_input_ids[:0],
-        d_attention_mask=batch.d_attention_mask[:0],
-        d_labels=batch.d_labels[:0],
+        c_dec_input_ids=batch.c_dec_input_ids[:0],
+        c_dec_attention_mask=batch.c_dec_attention_mask[:0],
+        c_dec_labels=batch.c_dec_labels[:0],
         clip_caption=torch.full_like(batch.clip_caption, -1),
         has_concepts=torch.zeros_like(batch.has_concepts),
     )
@@ -88,7 +88,7 @@ def test_unknown_loss_term_is_refused(tiny_parts):
 
     cfg, dm, model, lit, batch = tiny_parts()
     with pytest.raises(ValueError, match=r"unknown loss term\(s\) \['vqq'\].*valid: \['vqa', 'caption', 'contrastive', 'concepts', 'ingredients', 'recipe'\]"):
-        LitMMQA(model, lit.answers, [], lit.dec_tok, {"vqq": 1.0}, cfg.optim, cfg.generation, 8)
+        LitMMQA(model, lit.answers, [], lit.dec_tok, {"vqq": 1.0}, None, None, cfg.generation, 8)
 
 
 def test_gradients_reach_both_encoders_from_the_vqa_loss_alone(tiny_parts):

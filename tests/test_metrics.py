@@ -246,10 +246,10 @@ def test_retrieval_metric_deduplicates_images_across_ranks():
 
 
 def test_breakdown_groups_by_family_and_phrasing_and_tabulates_confusion(tmp_path):
-    """mmqa.breakdown on hand-made records with a fake answerer: accuracies by hand, confusion counts."""
+    """mmqa breakdown on hand-made records with a fake answerer: accuracies by hand, confusion counts."""
     from PIL import Image
 
-    from mmqa.breakdown import breakdown
+    from mmqa.cli.breakdown import breakdown
     from mmqa.data.records import QA, ImageRecord
 
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")

@@ -7,17 +7,16 @@ import open_clip
 import pytest
 import timm
 import torch
-from safetensors.torch import save_file
-from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
-
 from conftest import CONF, TINY, path_overrides
-from test_retrieval import save_tiny_clip
 from hydra import compose, initialize_config_dir
+from safetensors.torch import save_file
+from test_retrieval import save_tiny_clip
+from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
 
 from mmqa.build import build_model, build_tokenizers
 from mmqa.data.tokenizer import load_tokenizer, train_tokenizer
 from mmqa.errors import ConfigError
-from mmqa.models.decoder import CaptionDecoder
+from mmqa.models.decoder import GPT2Decoder
 from mmqa.models.image_encoders import TimmImageEncoder
 from mmqa.models.text_encoders import HFTextEncoder
 
@@ -37,7 +36,7 @@ def test_decoder_loads_saved_gpt2_weights_and_adds_cross_attention(tmp_path):
     torch.manual_seed(0)
     ref = GPT2LMHeadModel(GPT2Config(vocab_size=60, n_positions=32, n_embd=24, n_layer=1, n_head=2))
     ref.save_pretrained(tmp_path / "gpt2")
-    dec = CaptionDecoder(vocab_size=0, context_dim=16, width=0, depth=0, heads=1, max_length=0, dropout=0.0,
+    dec = GPT2Decoder(vocab_size=0, context_dim=16, width=0, depth=0, heads=1, max_length=0, dropout=0.0,
                          bos_token_id=0, eos_token_id=0, pad_token_id=0, pretrained=str(tmp_path / "gpt2"))
     assert dec.gpt2.config.add_cross_attention
     assert torch.equal(dec.gpt2.transformer.wte.weight, ref.transformer.wte.weight)  # real weights kept
@@ -50,7 +49,9 @@ def test_timm_vit_loads_weights_from_a_local_file(tmp_path):
     ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32)
     save_file(ref.state_dict(), tmp_path / "vit.safetensors")
     enc = TimmImageEncoder(image_size=32, patch_size=0, width=0, depth=0, heads=1, mlp_ratio=0, drop_path=0,
+                           mean=[0.0] * 3, std=[1.0] * 3, stem_channels=None, stem_strides=None,
                            name="vit_tiny_patch16_224", pretrained=str(tmp_path / "vit.safetensors"))
+    assert enc.normalization == ([0.5] * 3, [0.5] * 3)  # timm's pretrained config, not the numbers given
     assert torch.equal(enc.vit.patch_embed.proj.weight, ref.patch_embed.proj.weight)
     out = enc(torch.randn(2, 3, 32, 32))
     assert out.tokens.shape == (2, 4, 192) and enc.grid == 2 and out.pooled.shape == (2, 192)
@@ -80,7 +81,7 @@ def test_trained_tokenizer_round_trips_through_disk(tmp_path):
 def test_real_minilm_text_encoder_works_offline(data_dir, tmp_path):
     """model/text_encoder=minilm: the real 22.7M-parameter encoder and its own tokenizer."""
     with initialize_config_dir(str(CONF), version_base="1.3"):
-        overrides = [o for o in TINY if not o.startswith("model.text_encoder.")]
+        overrides = TINY
         cfg = compose("train", [*overrides, "model/text_encoder=minilm", *path_overrides(data_dir, tmp_path)])
     texts = ["a red circle", "is there a blue square?"]
     text_tok, dec_tok = build_tokenizers(cfg.model, cfg.tokenizer, texts)
@@ -139,7 +140,7 @@ def test_open_clip_text_tower_from_config_trains_in_the_model(data_dir, tmp_path
     """model/text_encoder=open_clip: a small bidirectional tower built from the config, with the fitted
     tokenizer; padding does not change a text's tokens, and the VQA loss reaches the tower."""
     with initialize_config_dir(str(CONF), version_base="1.3"):
-        overrides = [o for o in TINY if not o.startswith("model.text_encoder.")]
+        overrides = TINY
         cfg = compose("train", [*overrides, "model/text_encoder=open_clip", *path_overrides(data_dir, tmp_path)])
     text_tok, dec_tok = build_tokenizers(cfg.model, cfg.tokenizer, ["what colour is the red circle?", "a red circle"])
     assert text_tok is dec_tok  # no pretrained tokenizer: one fitted to the text

@@ -10,7 +10,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from mmqa.data.readers import CocoCaptionsReader, JsonlReader, VQAv2Reader, split_by_image
+from mmqa.data.readers.base import split_by_image
+from mmqa.data.readers.coco_captions import CocoCaptionsReader
+from mmqa.data.readers.jsonl import JsonlReader
+from mmqa.data.readers.vqav2 import VQAv2Reader
 from mmqa.data.records import QA, ImageRecord
 from mmqa.errors import ConfigError, DataError
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from mmqa.data.recipe1m import Recipe1MReader, normalise_ingredient
+from mmqa.data.readers.recipe1m import Recipe1MReader, normalise_ingredient
 from mmqa.errors import DataError
 
 LAYER1 = [

@@ -11,14 +11,14 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT, TINY, compose_cfg
+
+from mmqa.build import build_experiment
 from mmqa.bundle import Bundle
-from mmqa.data.recipes import parse_recipe
+from mmqa.data.recipe_text import parse_recipe
 from mmqa.errors import ConfigError
 from mmqa.metrics.ingredients import HallucinationRate, IngredientScores, ingredient_scores
-from mmqa.recipe import write_recipes
-from mmqa.train import build_experiment
+from mmqa.recipe_generation import write_recipes
 
 DISHES = [
     "experiment=recipes",
@@ -98,7 +98,7 @@ def test_left_padded_batch_generation_matches_one_at_a_time(dish_parts):
 
 def test_absent_ingredients_cannot_be_written_in_any_spelling():
     from mmqa.data.tokenizer import train_tokenizer
-    from mmqa.recipe import BanAbsentIngredients, spellings
+    from mmqa.recipe_generation import BanAbsentIngredients, spellings
 
     assert spellings("tomato") == ["tomato", "tomatoes"] and spellings("anchovy") == ["anchovy", "anchovies"]
     tok = train_tokenizer(["tomato tomatoes egg eggs bell pepper bell peppers sour cream cream the"], 100, 1)

@@ -13,20 +13,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import CONF, NORMALIZATION, ROOT, path_overrides
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from conftest import CONF, ROOT, TINY, path_overrides
 from mmqa.checkpointing import AtomicCheckpointIO, UnsafeCheckpointError
 from mmqa.config_check import check_config
 from mmqa.data.datamodule import MMQADataModule
 from mmqa.data.images import load_image
-from mmqa.data.readers import JsonlReader
+from mmqa.data.readers.jsonl import JsonlReader
 from mmqa.data.tokenizer import train_tokenizer
 from mmqa.errors import ConfigError, DataError, MMQAError
 from mmqa.train import RUN_KEY, run_key, train
 
-TINY_MODEL = [o for o in TINY if not o.startswith("data.reader.")]  # the reader keys are the shapes generator's
+TINY_MODEL = ["debug=tiny_model"]  # conf/debug/tiny_data.yaml sets the shapes generator's sizes
 
 
 def jsonl_cfg(root: Path, out: Path, *overrides: str):
@@ -87,10 +87,10 @@ def messy_dataset(tmp_path) -> Path:
 
 
 def datamodule(root: Path, on_bad_sample: str = "raise") -> MMQADataModule:
-    return MMQADataModule(JsonlReader(root), image_size=16, mean=[0.5] * 3, std=[0.25] * 3, batch_size=4,
+    return MMQADataModule(JsonlReader(root), image_size=16, batch_size=4,
                           eval_batch_size=4, num_workers=0, val_fraction=0.2, split_seed=0, answer_top_k=10,
                           max_question_length=16, max_caption_length=16, max_captions_per_image=2,
-                          on_bad_sample=on_bad_sample)
+                          max_recipe_length=64, ingredient_top_k=10, concept_top_k=0, on_bad_sample=on_bad_sample)
 
 
 # ---------------------------------------------------------------------------------------- bad data
@@ -154,7 +154,7 @@ def test_an_image_that_breaks_mid_epoch_names_the_file_from_a_worker(tmp_path):
     dm = datamodule(root)
     dm.num_workers = 1
     tok = train_tokenizer(dm.train_texts(), 100, 1)  # reads and checks the records: all fine so far
-    dm.attach(tok, tok, dm.answer_vocab())
+    dm.attach(tok, tok, dm.answer_vocab(), [], [], NORMALIZATION)
     (root / names[2]).write_bytes(b"")  # the file breaks after the start-up check
     with pytest.raises(DataError, match=re.escape(f"{root.resolve() / names[2]}: not a readable image (empty file)")):
         for split in ("train", "val"):  # wherever the split put it
@@ -173,11 +173,11 @@ def test_config_mistakes_are_all_listed_with_the_valid_keys(tiny_cfg, tmp_path):
     message = str(e.value)
     assert message.startswith("invalid config (6 problems):")
     for expected in [
-        "optim.lrr: unknown key (did you mean 'lr'?); valid keys: betas, lr, warmup_fraction, weight_decay",
+        "optim.lrr: unknown key (did you mean 'lr'?); torch.optim.AdamW takes: params, lr, betas,",
         "data.batch_size: expected int, got 'abc' (str)",
         "model.fusion.deptth: unknown key (did you mean 'depth'?); mmqa.models.fusion.CrossFusion takes: dim, depth,",
         "generation.num_beam: not an option of transformers' generate (did you mean 'num_beams'?)",
-        "loss.vqaa: unknown loss term (did you mean 'vqa'?); valid: vqa, caption, contrastive",
+        "loss.vqaa: unknown key (did you mean 'vqa'?); valid keys: caption, concepts, contrastive, ingredients, recipe, vqa",
         "seeed: unknown key (did you mean 'seed'?); valid keys: callbacks, ckpt_path, data,",
     ]:
         assert f"  - {expected}" in message, expected

@@ -11,13 +11,13 @@ import sys
 
 import pytest
 import yaml
+from conftest import CONF, ROOT
 from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from conftest import CONF, ROOT
-from mmqa.report import Group, Run, build_report, compare, main
+from mmqa.cli.report import Group, Run, build_report, compare, main
 
 PATHS = [f"paths.data_dir={ROOT}/data", "paths.output_dir=/tmp/out", f"paths.root_dir={ROOT}"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -180,7 +180,7 @@ def test_several_dirs_pool_their_runs(sweep, tmp_path):
 def test_a_dir_without_runs_is_an_error(tmp_path):
     empty = tmp_path / "empty_sweep"
     (empty / "0").mkdir(parents=True)  # a folder, but no .hydra/config.yaml
-    proc = subprocess.run([sys.executable, "-m", "mmqa.report", str(empty)], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "mmqa", "report", str(empty)], cwd=ROOT,
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert f"{empty}: no runs found" in proc.stderr
@@ -203,7 +203,7 @@ def sweep_jobs(cfg) -> list[list[str]]:
 
 EXPECTED_SWEEPS = {
     "fusion_ablation": {"model/fusion": {"early", "late", "cross"}},
-    "loss_ablation": {"loss": {"vqa", "vqa_contrastive", "vqa_caption", "all"}},
+    "loss_ablation": {"loss": {"vqa", "vqa_contrastive", "vqa_caption", "vqa_caption_contrastive", "all"}},
     "depth_ablation": {"model.fusion.depth": {"1", "2", "4"}},
 }
 
@@ -245,9 +245,12 @@ def test_loss_presets_keep_the_default_weights():
     assert weights["all"] == {"vqa": 1.0, "caption": 1.0, "contrastive": 0.5, "concepts": 2.0, "ingredients": 1.0,
                               "recipe": 1.0}
     assert dict(compose_hydra().loss) == weights["all"]
-    assert weights["vqa"] == {"vqa": 1.0, "caption": 0.0, "contrastive": 0.0, "concepts": 0.0}
-    assert weights["vqa_contrastive"] == {"vqa": 1.0, "caption": 0.0, "contrastive": 0.5, "concepts": 0.0}
-    assert weights["vqa_caption"] == {"vqa": 1.0, "caption": 1.0, "contrastive": 0.0, "concepts": 0.0}
+    off = {"concepts": 0.0, "ingredients": 0.0, "recipe": 0.0}
+    assert weights["vqa"] == {"vqa": 1.0, "caption": 0.0, "contrastive": 0.0, **off}
+    assert weights["vqa_contrastive"] == {"vqa": 1.0, "caption": 0.0, "contrastive": 0.5, **off}
+    assert weights["vqa_caption"] == {"vqa": 1.0, "caption": 1.0, "contrastive": 0.0, **off}
+    # the three tasks as in `all`, without the concept loss: the one term the two rows differ in
+    assert weights["vqa_caption_contrastive"] == {**weights["all"], "concepts": 0.0}
 
 
 def test_optuna_search_composes_into_a_search_space():

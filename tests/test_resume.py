@@ -20,8 +20,8 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-
 from conftest import ROOT, TINY, compose_cfg
+
 from mmqa.checkpointing import AtomicCheckpointIO
 from mmqa.train import find_last_checkpoint, train
 

@@ -1,4 +1,4 @@
-"""The image index (`mmqa.retrieval`) and its command (`python -m mmqa.index build`): building skips and
+"""The image index (`mmqa.image_index`) and its command (`python -m mmqa index build`): building skips and
 reports unreadable files, a saved index loads back identical, a stale one (another model, changed or
 other files, a damaged save) is rebuilt rather than searched, and search ranks by cosine — by the
 matrix product and, for large galleries, by faiss alike. A real open_clip model (a tiny randomly
@@ -14,14 +14,14 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import compose_cfg
 from PIL import Image
 from safetensors.torch import save_file
 
-from conftest import compose_cfg
 from mmqa.bundle import Bundle
+from mmqa.cli.index import main as index_main
 from mmqa.errors import MMQAError
-from mmqa.index import main as index_main
-from mmqa.retrieval import (
+from mmqa.image_index import (
     EMBEDDINGS, INDEX_DIR, INDEX_JSON, ImageIndex, bundle_model_id, find_images, load_or_build, open_clip_towers,
 )
 
@@ -138,7 +138,7 @@ def test_load_or_build_reuses_only_an_index_of_the_same_model_and_files(gallery,
     query = PixelEmbedder()([Image.open(gallery[0])])[0]  # (64,)
     assert rebuilt.search_image(query, 1)[0][0] == str(gallery[0].resolve())  # the new content is indexed
 
-    # the files the saved index lists, when no list is given (an index written by `mmqa.index build`)
+    # the files the saved index lists, when no list is given (an index written by `mmqa index build`)
     assert load_or_build("m2", embed, None, where, progress=False).paths == rebuilt.paths and embed.calls == 27
     with pytest.raises(MMQAError, match="not an image index: missing index.json"):
         load_or_build("m2", embed, None, tmp_path / "nowhere", progress=False)
@@ -199,7 +199,7 @@ def test_an_image_query_finds_its_own_image_first(gallery):
 @pytest.fixture(scope="module")
 def untrained_bundle(tmp_path_factory, data_dir):
     """A tiny bundle straight from its config (no training: only its embeddings' identity matters here)."""
-    from mmqa.train import build_experiment
+    from mmqa.build import build_experiment
 
     out = tmp_path_factory.mktemp("untrained")
     cfg = compose_cfg(data_dir, out, ())

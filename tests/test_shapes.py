@@ -11,13 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import read_lines
 from PIL import Image
 
-from conftest import read_lines
-
-from mmqa.data import shapes
-from mmqa.data.readers import JsonlReader
-from mmqa.data.shapes import COLOURS, SHAPES, SIZES, Desc, Scene, ShapeObject, generate_shapes
+from mmqa.data.readers.jsonl import JsonlReader
+from mmqa.data.worlds import shapes
+from mmqa.data.worlds.shapes import COLOURS, SHAPES, SIZES, Desc, Scene, ShapeObject, generate_shapes
 from mmqa.errors import ConfigError
 
 TINY = dict(n_train=20, n_val=5, n_test=5, image_size=64, min_objects=1, max_objects=5,

@@ -1,5 +1,5 @@
 """A real sweep through the Hydra command line, then the report over it: `train.py -m` with an
-experiment preset on the tiny config, and `python -m mmqa.report` over the multirun folder it wrote."""
+experiment preset on the tiny config, and `python -m mmqa report` over the multirun folder it wrote."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def test_multirun_of_a_preset_then_report(data_dir, tmp_path):
     assert all((sweep / j / "metrics.json").is_file() and (sweep / j / "bundle" / "model.safetensors").is_file()
                for j in ("0", "1"))
 
-    proc = subprocess.run([sys.executable, "-m", "mmqa.report", str(sweep)], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, "-m", "mmqa", "report", str(sweep)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = list(csv.DictReader((sweep / "report.csv").open()))

@@ -1,5 +1,5 @@
 """End to end through the real entry points on a tiny config: `train.py` for every fusion variant
-(files written, metric keys), the bundle round trip, `ckpt_path=last`, and `python -m mmqa.evaluate`."""
+(files written, metric keys), the bundle round trip, `ckpt_path=last`, and `python -m mmqa evaluate`."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, TINY, TINY_DATA, compose_cfg
 from PIL import Image
 
-from conftest import ROOT, TINY, TINY_DATA, compose_cfg
 from mmqa.bundle import Bundle
-from mmqa.data.shapes import FAMILIES
+from mmqa.data.worlds.shapes import FAMILIES
 from mmqa.errors import ConfigError
 from mmqa.train import train
 
@@ -103,7 +103,7 @@ def test_missing_checkpoint_file_is_a_clear_error(data_dir, tmp_path):
 
 def test_evaluate_cli_reproduces_the_training_test_metrics(trained, data_dir, tmp_path):
     cfg, metrics, out = trained
-    run(["-m", "mmqa.evaluate", f"bundle={out / 'bundle'}", *TINY_DATA, f"paths.data_dir={data_dir}",
+    run(["-m", "mmqa", "evaluate", f"bundle={out / 'bundle'}", *TINY_DATA, f"paths.data_dir={data_dir}",
          f"hydra.run.dir={tmp_path / 'eval'}"])
     evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     for key in ("test/vqa_acc", "test/bleu4", "test/r1_t2i", "test/r1_i2t"):
@@ -111,8 +111,37 @@ def test_evaluate_cli_reproduces_the_training_test_metrics(trained, data_dir, tm
 
 
 def test_evaluate_refuses_an_unknown_split_before_loading_anything(data_dir, tmp_path):
-    from mmqa.evaluate import evaluate
+    from mmqa.cli.evaluate import evaluate
 
     cfg = compose_cfg(data_dir, tmp_path, config_name="evaluate", overrides=["bundle=/nowhere", "split=dev"])
     with pytest.raises(ConfigError, match=r"split='dev' is not a split; valid: train, val, test"):
         evaluate(cfg)
+
+
+def test_a_bundle_written_before_the_renames_still_loads(trained, tmp_path):
+    """Bundles store the classes they were built from; one written before the decoder, the readers and
+    the image normalisation moved is read in today's terms, and answers as it did."""
+    import shutil
+
+    import yaml
+
+    cfg, metrics, out = trained
+    old = tmp_path / "old"
+    shutil.copytree(out / "bundle", old)
+    conf = yaml.safe_load((old / "config.yaml").read_text())
+    conf["model"]["decoder"]["_target_"] = "mmqa.models.decoder.CaptionDecoder"
+    conf["data"]["reader"]["_target_"] = "mmqa.data.builtin.ShapesReader"
+    enc = conf["model"]["image_encoder"]
+    conf["data"]["mean"], conf["data"]["std"] = enc.pop("mean"), enc.pop("std")
+    (old / "config.yaml").write_text(yaml.safe_dump(conf))
+    image = sorted((Path(cfg.paths.data_dir) / "shapes").glob("shapes-*/images/test_*.png"))[0]
+    then, now = Bundle.load(old), Bundle.load(out / "bundle")
+    assert type(then.model.decoder).__name__ == "GPT2Decoder"
+    assert then.cfg.data.reader._target_ == "mmqa.data.readers.shapes.ShapesReader"
+    assert then.answer(image, "what colour is the circle?").top == now.answer(image, "what colour is the circle?").top
+
+
+def test_python_m_mmqa_lists_its_tools_and_refuses_an_unknown_one():
+    proc = subprocess.run([sys.executable, "-m", "mmqa", "evaluat"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "unknown tool 'evaluat'; valid: evaluate, breakdown, index, report" in proc.stderr

@@ -1,7 +1,7 @@
 """The Gradio UI around one `Bundle`: an Ask tab (answer, top-5 answers, attention heatmap), a
 Describe tab (a caption written word by word, with a choice of decoding; for a bundle trained on
 recipes, the predicted ingredients with their probabilities and the recipe) and a Search tab (text ->
-images and image -> images over a gallery, through `mmqa.retrieval.ImageIndex`, embedded by the
+images and image -> images over a gallery, through `mmqa.image_index.ImageIndex`, embedded by the
 bundle's contrastive towers or by a real open_clip model). Thin on purpose: each handler gets input
 already checked (`mmqa.app.inputs`), calls Bundle / ImageIndex / Towers methods and turns the result
 into something to display; no model logic lives here.
@@ -31,9 +31,11 @@ from PIL import Image
 
 from mmqa.app.inputs import MAX_PIXELS, MAX_TEXT_CHARS, check_image, check_text, image_input
 from mmqa.bundle import Bundle
+from mmqa.data.readers.jsonl import JsonlReader
+from mmqa.data.records import ImageRecord
 from mmqa.errors import MMQAError
-from mmqa.generate import stream_text
-from mmqa.retrieval import INDEX_DIR, ImageIndex, Towers, bundle_towers, find_images, load_or_build
+from mmqa.image_index import INDEX_DIR, ImageIndex, Towers, bundle_towers, find_images, load_or_build
+from mmqa.text_generation import stream_text
 
 MODEL_GROUP = "model"  # the concurrency group of every handler that runs a model
 TOP_K = 5  # answers shown with their probabilities
@@ -228,7 +230,7 @@ def gallery_note(index: ImageIndex | None, towers: Towers) -> str:
 def open_gallery(bundle: Bundle, towers: Towers, gallery: Path | None, index_dir: Path | None) -> ImageIndex | None:
     """The Search tab's index, embedded by `towers`: of every image under `gallery` (kept in
     `index_dir`, by default `gallery/.mmqa-index`); else of the images the index saved in `index_dir`
-    lists (as `python -m mmqa.index build` writes it); else of the test images of the built-in dataset
+    lists (as `python -m mmqa index build` writes it); else of the test images of the built-in dataset
     the bundle was trained on, when it is on disk (kept beside them); else None. A saved index is
     reused only when the same towers built it from the same unchanged files, and rebuilt otherwise."""
     if gallery is not None:
@@ -298,23 +300,16 @@ def builtin_dataset(cfg: DictConfig) -> Path | None:
     return None
 
 
+def _test_records(dataset: Path) -> list[ImageRecord]:
+    """The test split's records, in the order of `test.jsonl`, read as training reads them."""
+    return JsonlReader(dataset, check_images=False).read("test") or []
+
+
 def _test_images(dataset: Path) -> list[Path]:
     """Every test image, in the order of `test.jsonl`."""
-    images: dict[str, None] = {}  # an ordered set: each image has many rows
-    with open(dataset / "test.jsonl", encoding="utf-8") as f:
-        for line in f:
-            images[json.loads(line)["image"]] = None
-    return [dataset / image for image in images]
+    return [r.image for r in _test_records(dataset)]
 
 
 def _first_questions(dataset: Path, n: int) -> list[list[str]]:
-    """The first question of each of the first n test images."""
-    examples: dict[str, str] = {}
-    with open(dataset / "test.jsonl", encoding="utf-8") as f:
-        for line in f:
-            row = json.loads(line)
-            if "question" in row and row["image"] not in examples:
-                examples[row["image"]] = row["question"]
-                if len(examples) == n:
-                    break
-    return [[str(dataset / image), q] for image, q in examples.items()]
+    """The first question of each of the first n test images that have one."""
+    return [[str(r.image), r.questions[0].question] for r in _test_records(dataset) if r.questions][:n]

@@ -1,5 +1,5 @@
 """Error analysis of a bundle's answers, finer than the per-family metrics:
-`python -m mmqa.breakdown BUNDLE DATASET_DIR [--split test] [--words 3] [--confusion FAMILY]`.
+`python -m mmqa breakdown BUNDLE DATASET_DIR [--split test] [--words 3] [--confusion FAMILY]`.
 
 Answers every question of a JSONL dataset split (the layout of data/README.md; the built-in worlds
 are written in it) with `Bundle.answer` and prints the official VQA accuracy (`vqa_score`) grouped
@@ -13,7 +13,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 
 from mmqa.data.images import load_image
-from mmqa.data.readers import JsonlReader
+from mmqa.data.readers.jsonl import JsonlReader
 from mmqa.data.records import ImageRecord
 from mmqa.metrics.vqa import normalize_answer, vqa_score
 
@@ -42,7 +42,7 @@ def breakdown(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m mmqa.breakdown", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m mmqa breakdown", description=__doc__.split("\n\n")[0])
     parser.add_argument("bundle", help="a bundle directory written by train.py (<run>/bundle)")
     parser.add_argument("dataset", help="a JSONL dataset directory (e.g. data/shapes/shapes-<key>)")
     parser.add_argument("--split", default="test", help="train, val or test (default test)")

@@ -1,5 +1,7 @@
 """Evaluate any bundle on any dataset split:
-`python -m mmqa.evaluate bundle=outputs/.../bundle data=jsonl data.root=... split=test`.
+`python -m mmqa evaluate bundle=outputs/.../bundle data=jsonl data.root=... split=test`.
+The LightningModule is built by `mmqa.build.build_lit_module` from the bundle's stored config, as
+in training.
 
 Prints the metrics and writes them to `<run>/metrics.json` under the same keys as training."""
 
@@ -10,13 +12,15 @@ from pathlib import Path
 
 import hydra
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
+from mmqa.atomic import write_json
+from mmqa.build import build_lit_module
 from mmqa.bundle import Bundle
 from mmqa.data.datamodule import SPLITS
 from mmqa.errors import ConfigError
-from mmqa.lit_module import LitMMQA
-from mmqa.train import write_json
+
+CONF = Path(__file__).resolve().parents[2] / "conf"  # the project's config tree (an editable install)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
@@ -24,26 +28,22 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         raise ConfigError(f"split={cfg.split!r} is not a split; valid: {', '.join(SPLITS)}")
     bundle = Bundle.load(cfg.bundle)
     # the bundle's preprocessing wins over the dataset config: the model was trained with it
-    for key in ("image_size", "mean", "std", "max_question_length", "max_caption_length", "max_recipe_length"):
+    for key in ("image_size", "max_question_length", "max_caption_length", "max_recipe_length"):
         if key in bundle.cfg.data:
             cfg.data[key] = bundle.cfg.data[key]
     dm = instantiate(cfg.data)
     records = dm.load_records()[cfg.split]
     if not records:
         raise ConfigError(f"split={cfg.split!r}: the dataset has no {cfg.split} split")
-    dm.attach(bundle.text_tokenizer, bundle.decoder_tokenizer, bundle.answers, bundle.ingredients)
-    lit = LitMMQA(
-        bundle.model,
-        answers=bundle.answers,
-        families=dm.families(cfg.split),
-        decoder_tokenizer=bundle.decoder_tokenizer,
-        loss_weights=bundle.cfg.loss,
-        optim=bundle.cfg.optim,
-        generation=bundle.cfg.generation,
-        max_caption_eval_images=len(records),
-        ingredients=bundle.ingredients,
-        recipe={**(bundle.cfg.get("recipe") or {}), **{k: v for k, v in (cfg.get("recipe") or {}).items() if v is not None}},
-    )
+    dm.attach(bundle.text_tokenizer, bundle.decoder_tokenizer, bundle.answers, bundle.ingredients, [],
+              normalization=bundle.model.image_encoder.normalization)
+    # the bundle's own settings, with this command's: every image captioned, recipe thresholds if given
+    run_cfg = bundle.cfg.copy()
+    with open_dict(run_cfg):
+        run_cfg.eval = {"max_caption_eval_images": len(records)}
+        run_cfg.recipe = {**(run_cfg.get("recipe") or {}),
+                          **{k: v for k, v in (cfg.get("recipe") or {}).items() if v is not None}}
+    lit = build_lit_module(run_cfg, bundle.model, dm, split=cfg.split, train=False)
     trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
     # Lightning's test loop, fed the requested split, logs under "test/"; rename to the split asked for
     loader = dm.loader(cfg.split, train=False)
@@ -56,7 +56,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+@hydra.main(version_base="1.3", config_path=str(CONF), config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     evaluate(cfg)
 

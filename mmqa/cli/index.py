@@ -1,10 +1,10 @@
 """Build the image index a demo or script searches:
-`python -m mmqa.index build (--bundle B | --clip NAME --clip-pretrained WEIGHTS) --images DIR [--out OUT]`.
+`python -m mmqa index build (--bundle B | --clip NAME --clip-pretrained WEIGHTS) --images DIR [--out OUT]`.
 
 Every image under DIR (png, jpg, jpeg, webp, bmp; recursively, in sorted order) is embedded by the
 bundle's image tower, or by a real open_clip model, and saved to OUT (default `DIR/.mmqa-index`, where
 `demo.py --gallery DIR` looks first; the demo reuses it when started with the same towers). Unreadable
-files are skipped and listed. The index itself is `mmqa.retrieval`.
+files are skipped and listed. The index itself is `mmqa.image_index`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from mmqa.bundle import Bundle
 from mmqa.errors import MMQAError
-from mmqa.retrieval import BATCH_SIZE, INDEX_DIR, ImageIndex, Towers, bundle_towers, find_images, open_clip_towers
+from mmqa.image_index import BATCH_SIZE, INDEX_DIR, ImageIndex, Towers, bundle_towers, find_images, open_clip_towers
 
 
 def build(towers: Towers | Path, images: Path, out: Path, batch_size: int = BATCH_SIZE,
@@ -29,7 +29,7 @@ def build(towers: Towers | Path, images: Path, out: Path, batch_size: int = BATC
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mmqa.index", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m mmqa index", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("build", help="embed every image of a folder and save the index")
     which = p.add_mutually_exclusive_group(required=True)

@@ -1,4 +1,4 @@
-"""The ablation report: `python -m mmqa.report DIR [DIR ...]` reads every run of one or more Hydra
+"""The ablation report: `python -m mmqa report DIR [DIR ...]` reads every run of one or more Hydra
 multirun folders and writes, into the first DIR, `report.md` (a table of mean ± std over seeds per
 configuration, failed and missing runs, Welch's t-tests between configurations), `report.csv` (the
 same table) and two figures, `per_family.png` and `val_curves.png`.
@@ -15,7 +15,6 @@ import csv
 import io
 import json
 import math
-import os
 import sys
 from dataclasses import dataclass, field
 from itertools import combinations
@@ -25,6 +24,7 @@ import numpy as np
 import yaml
 from scipy import stats
 
+from mmqa.atomic import write_atomic
 from mmqa.errors import MMQAError
 
 SEED_KEY = "seed"  # the override that names a repetition, not a configuration
@@ -239,17 +239,6 @@ def build_report(dirs: list[Path], alpha: float) -> Report:
 
 
 # ----------------------------------------------------------------------------- writing
-def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write a temporary file in the same folder, then rename it: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def fmt(s: Stat, seeds: int) -> str:
     if s.n == 0:
         return "–"
@@ -424,7 +413,7 @@ def write_report(rep: Report, out_dir: Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m mmqa.report",
+        prog="python -m mmqa report",
         description="Summarise the runs of Hydra multirun folders: mean ± std over seeds per configuration, "
         "failed and missing runs, Welch's t-tests, figures. Writes report.md, report.csv, per_family.png "
         "and val_curves.png into the first DIR.",

@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 
 from mmqa.data.concepts import caption_words
 from mmqa.data.images import ImageTransform, load_image
-from mmqa.data.recipes import format_recipe, recipe_prompt
+from mmqa.data.recipe_text import format_recipe, recipe_prompt
 from mmqa.data.records import ImageRecord
 from mmqa.metrics.vqa import soft_scores
 
@@ -28,9 +28,9 @@ class Batch:
     c_input_ids: torch.Tensor  # (C, Lc) captions, text-encoder tokens (contrastive)
     c_attention_mask: torch.Tensor  # (C, Lc)
     c_img_idx: torch.Tensor  # (C,) row in `images` of each caption's image
-    d_input_ids: torch.Tensor  # (C, Ld) [BOS] caption [EOS], decoder tokens
-    d_attention_mask: torch.Tensor  # (C, Ld)
-    d_labels: torch.Tensor  # (C, Ld) d_input_ids with padding positions set to -100
+    c_dec_input_ids: torch.Tensor  # (C, Ld) [BOS] caption [EOS], decoder tokens
+    c_dec_attention_mask: torch.Tensor  # (C, Ld)
+    c_dec_labels: torch.Tensor  # (C, Ld) c_dec_input_ids with padding positions set to -100
     clip_caption: torch.Tensor  # (B,) caption row paired with each image for the contrastive loss, -1 if none
     ingredient_targets: torch.Tensor  # (B, I) multi-hot over the ingredient vocabulary
     has_ingredients: torch.Tensor  # (B,) bool: the image has an ingredient list
@@ -182,7 +182,7 @@ class Collator:
             c_img.extend([row] * len(caps))
         q_ids, q_mask = self._encode_text(questions, self.max_q)
         c_ids, c_mask = self._encode_text(captions, self.max_c)
-        d_ids, d_mask, d_labels = self._encode_decoder(captions)
+        c_dec_ids, c_dec_mask, c_dec_labels = self._encode_decoder(captions)
         r_ids, r_mask, r_labels = self._encode_recipes(prompts, recipe_texts)
         K = len(self.answer_index)
         return Batch(
@@ -195,9 +195,9 @@ class Collator:
             c_input_ids=c_ids,
             c_attention_mask=c_mask,
             c_img_idx=torch.tensor(c_img, dtype=torch.long),
-            d_input_ids=d_ids,
-            d_attention_mask=d_mask,
-            d_labels=d_labels,
+            c_dec_input_ids=c_dec_ids,
+            c_dec_attention_mask=c_dec_mask,
+            c_dec_labels=c_dec_labels,
             clip_caption=torch.tensor(clip_caption, dtype=torch.long),
             ingredient_targets=ing_targets,
             has_ingredients=torch.tensor([bool(rec.ingredients) for _, _, rec in items], dtype=torch.bool),

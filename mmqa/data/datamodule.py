@@ -15,8 +15,8 @@ from torch.utils.data import DataLoader, Sampler
 from mmqa.data.batch import Collator, RecordDataset
 from mmqa.data.concepts import caption_words
 from mmqa.data.images import ImageTransform
-from mmqa.data.readers import DatasetReader, split_by_image
-from mmqa.data.recipes import format_recipe, recipe_prompt
+from mmqa.data.readers.base import DatasetReader, split_by_image
+from mmqa.data.recipe_text import format_recipe, recipe_prompt
 from mmqa.data.records import ImageRecord
 from mmqa.data.validate import SkipLog, check_images
 from mmqa.errors import DataError
@@ -96,8 +96,6 @@ class MMQADataModule(L.LightningDataModule):
         self,
         reader: DatasetReader,
         image_size: int,
-        mean: list[float],
-        std: list[float],
         batch_size: int,
         eval_batch_size: int,
         num_workers: int,
@@ -107,11 +105,11 @@ class MMQADataModule(L.LightningDataModule):
         max_question_length: int,
         max_caption_length: int,
         max_captions_per_image: int,
-        max_recipe_length: int = 256,
-        ingredient_top_k: int = 1500,
-        concept_top_k: int = 0,
+        max_recipe_length: int,
+        ingredient_top_k: int,
+        concept_top_k: int,
+        on_bad_sample: str,
         root: str | None = None,
-        on_bad_sample: str = "raise",
     ):
         """`root` is the dataset directory for configs whose reader reads one (`data.root=...`); the
         reader's own config refers to it, the data module only records it. `on_bad_sample`: 'raise'
@@ -120,7 +118,8 @@ class MMQADataModule(L.LightningDataModule):
         self.root = root
         self.reader = reader
         self.skip_log = SkipLog(on_bad_sample)
-        self.transform = ImageTransform(image_size, mean, std)
+        self.image_size = image_size
+        self.transform: ImageTransform | None = None  # set by `attach`: the normalisation is the image encoder's
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
@@ -186,10 +185,18 @@ class MMQADataModule(L.LightningDataModule):
         return sorted(most_frequent(counts, self.concept_top_k))
 
     def attach(
-        self, text_tokenizer, decoder_tokenizer, answers: list[str], ingredients: list[str] = (), concepts: list[str] = ()
+        self,
+        text_tokenizer,
+        decoder_tokenizer,
+        answers: list[str],
+        ingredients: list[str],
+        concepts: list[str],
+        normalization: tuple[list[float], list[float]],
     ) -> None:
-        """Give the module what the model side decides: tokenizers, answer, ingredient and concept vocabularies."""
+        """Give the module what the model side decides: tokenizers, answer, ingredient and concept
+        vocabularies, and the image encoder's (mean, std)."""
         self.tokenizers = (text_tokenizer, decoder_tokenizer)
+        self.transform = ImageTransform(self.image_size, *normalization)
         self.answers = answers
         self.ingredients = list(ingredients)
         self.concepts = list(concepts)

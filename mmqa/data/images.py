@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+from torchvision.transforms import v2
 
 from mmqa.errors import DataError
 
@@ -53,15 +54,19 @@ def _is_empty(path: str | Path) -> bool:
 
 
 class ImageTransform:
-    """PIL RGB -> normalised float tensor (3, S, S). No flips: spatial questions depend on left/right."""
+    """PIL RGB -> normalised float tensor (3, S, S), with torchvision's v2 transforms: a bicubic resize
+    to S x S, scaled to [0, 1], normalised by the image encoder's mean and std. No flips: spatial
+    questions depend on left and right."""
 
     def __init__(self, image_size: int, mean: list[float], std: list[float]):
         self.size = image_size
-        self.mean = torch.tensor(mean).view(3, 1, 1)
-        self.std = torch.tensor(std).view(3, 1, 1)
+        self.mean, self.std = list(mean), list(std)
+        self.pipeline = v2.Compose([
+            v2.Resize((image_size, image_size), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+            v2.PILToTensor(),  # (3, S, S) uint8
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(self.mean, self.std),
+        ])
 
-    def __call__(self, img: Image.Image) -> torch.Tensor:
-        if img.size != (self.size, self.size):
-            img = img.resize((self.size, self.size), Image.BICUBIC)
-        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0  # (3, S, S)
-        return (x - self.mean) / self.std
+    def __call__(self, img: Image.Image) -> torch.Tensor:  # -> (3, S, S)
+        return self.pipeline(img)

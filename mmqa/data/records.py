@@ -30,4 +30,4 @@ class ImageRecord:
     captions: list[str] = field(default_factory=list)
     source: str = ""  # "file:line" where the record first appeared, for error messages
     ingredients: list[str] = field(default_factory=list)  # ingredient names in the image (a set, as a list)
-    recipe: dict | None = None  # {"title": str, "ingredients": [str], "steps": [str]} (mmqa.data.recipes)
+    recipe: dict | None = None  # {"title": str, "ingredients": [str], "steps": [str]} (mmqa.data.recipe_text)

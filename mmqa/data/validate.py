@@ -18,8 +18,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from mmqa.atomic import write_atomic
 from mmqa.data.images import load_image
-from mmqa.data.readers import OnBad
+from mmqa.data.readers.base import OnBad
 from mmqa.data.records import ImageRecord
 from mmqa.errors import ConfigError, DataError
 
@@ -61,9 +62,7 @@ class SkipLog:
 
     def write(self, path: Path) -> None:
         """One JSON object per skipped sample (split, where, problem), written atomically."""
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text("".join(json.dumps(asdict(s)) + "\n" for s in self.skipped), encoding="utf-8")
-        os.replace(tmp, path)
+        write_atomic(path, "".join(json.dumps(asdict(s)) + "\n" for s in self.skipped))
 
 
 def _kind(problem: str) -> str:

@@ -60,24 +60,14 @@ class IngredientScores(torchmetrics.Metric):
         return {k: torch.tensor(v, device=self.device) for k, v in scores.items()}
 
 
-class HallucinationRate(torchmetrics.Metric):
-    """Share of generated recipes that name at least one ingredient absent from the dish."""
+class HallucinationRate(torchmetrics.MeanMetric):
+    """Share of generated recipes that name at least one ingredient absent from the dish: the mean,
+    over recipes, of "names an absent one" (torchmetrics' `MeanMetric`, summed across DDP ranks)."""
 
-    is_differentiable = False
     higher_is_better = False
-    full_state_update = False
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.add_state("hallucinated", torch.tensor(0.0), dist_reduce_fx="sum")
-        self.add_state("total", torch.tensor(0.0), dist_reduce_fx="sum")
 
     def update(self, named: list[set[str]], present: list[set[str]]) -> None:
         """named[i]: the ingredients recipe i mentions; present[i]: those in its image."""
         if len(named) != len(present):
             raise ValueError(f"HallucinationRate needs one present set per recipe, got {len(named)} and {len(present)}")
-        self.hallucinated += sum(bool(n - p) for n, p in zip(named, present))
-        self.total += len(named)
-
-    def compute(self) -> torch.Tensor:
-        return self.hallucinated / self.total.clamp(min=1)
+        super().update(torch.tensor([float(bool(n - p)) for n, p in zip(named, present)]))

@@ -11,7 +11,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from mmqa.models.pretrained import load_pretrained
 
 
-class CaptionDecoder(nn.Module):
+class GPT2Decoder(nn.Module):
     def __init__(
         self,
         vocab_size: int,

@@ -1,6 +1,8 @@
 """Image encoder adapters: a timm ViT (default) or open_clip's visual tower, behind one contract —
 `forward(images) -> EncoderOutput` with patch tokens (B, N, D), mask (B, N), pooled (B, D), and
-`out_dim` and `grid` (patches per side, for attention heatmaps)."""
+`out_dim`, `grid` (patches per side, for attention heatmaps) and `normalization`, the (mean, std) its
+images are normalised with: a pretrained model's own (timm's pretrained config, open_clip's
+preprocess config), or the config's for a ViT built from numbers."""
 
 from __future__ import annotations
 
@@ -59,8 +61,9 @@ class ConvStemPatchEmbed(PatchEmbed):
 
 class TimmImageEncoder(nn.Module):
     """A timm ViT. With `name` any timm ViT is created (pretrained weights optional: `true` for timm's
-    default source, or a local weights file); without it a small ViT is built from the numbers given,
-    with timm's linear patch projection, to which `stem_channels` and `stem_strides` (strides that
+    default source, or a local weights file), normalising images as its pretrained config says;
+    without it a small ViT is built from the numbers given, normalising with `mean` and `std`, with
+    timm's linear patch projection, to which `stem_channels` and `stem_strides` (strides that
     multiply to `patch_size`) add a convolutional stem's features (`ConvStemPatchEmbed`)."""
 
     def __init__(
@@ -72,10 +75,12 @@ class TimmImageEncoder(nn.Module):
         heads: int,
         mlp_ratio: float,
         drop_path: float,
-        stem_channels: list[int] | None = None,
-        stem_strides: list[int] | None = None,
-        name: str | None = None,
-        pretrained: bool | str = False,
+        mean: list[float],
+        std: list[float],
+        stem_channels: list[int] | None,
+        stem_strides: list[int] | None,
+        name: str | None,
+        pretrained: bool | str,
     ):
         super().__init__()
         if name:
@@ -106,6 +111,8 @@ class TimmImageEncoder(nn.Module):
             )
         self.out_dim = self.vit.num_features
         self.grid = self.vit.patch_embed.grid_size[0]
+        own = getattr(self.vit, "pretrained_cfg", None) or {}  # only models timm created have one
+        self.normalization = (list(own.get("mean", mean)), list(own.get("std", std)))
 
     def forward(self, images: torch.Tensor) -> EncoderOutput:  # images (B, 3, H, W)
         x = self.vit.forward_features(images)  # (B, P + N, D), P prefix (class) tokens
@@ -135,6 +142,8 @@ class OpenClipImageEncoder(nn.Module):
         self.visual.output_tokens = True
         self.out_dim = self.visual.transformer.width
         self.grid = self.visual.grid_size[0]
+        cfg = self.visual.preprocess_cfg  # the mean and std open_clip's own preprocessing uses
+        self.normalization = (list(cfg["mean"]), list(cfg["std"]))
 
     def forward(self, images: torch.Tensor) -> EncoderOutput:  # images (B, 3, H, W)
         _, tokens = self.visual(images)  # (B, N, D) patch tokens, class token removed by open_clip

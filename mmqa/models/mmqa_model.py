@@ -13,7 +13,7 @@ import torch
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from torch import nn
 
-from mmqa.models.decoder import CaptionDecoder
+from mmqa.models.decoder import GPT2Decoder
 from mmqa.models.heads import ContrastiveHead, PatchSetHead, VQAHead
 from mmqa.models.outputs import EncoderOutput, FusionOutput
 
@@ -28,15 +28,15 @@ class MMQAModel(nn.Module):
         image_encoder: nn.Module,
         text_encoder: nn.Module,
         fusion: nn.Module,
-        decoder: CaptionDecoder,
+        decoder: GPT2Decoder,
         dim: int,
         num_answers: int,
         embed_dim: int,
         head_mlp_ratio: float,
         dropout: float,
         init_temperature: float,
-        num_ingredients: int = 0,
-        image_position_scale: float = 0.0,
+        num_ingredients: int,
+        image_position_scale: float,
     ):
         """`image_position_scale`: a fixed 2D sin-cos encoding of each patch's grid position, times
         this, is added to the image tokens that fusion, decoder and ingredient head read (0: none)."""

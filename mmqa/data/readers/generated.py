@@ -1,20 +1,21 @@
-"""Readers for the built-in procedural datasets: generate (or reuse the cached copy) on first read,
-then read it like any JSONL dataset, so the built-in data takes the same path as users' data."""
+"""The reader of a built-in procedural dataset: generate it (or reuse the cached copy) on first
+read, then read it like any JSONL dataset, so the built-in data takes the same path as users' data.
+`shapes.py` and `dishes.py` beside this file name the generator of each world (`mmqa.data.worlds`)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
-from mmqa.data.dishes import generate_dishes
-from mmqa.data.readers import JsonlReader, OnBad
+from mmqa.data.readers.base import OnBad
+from mmqa.data.readers.jsonl import JsonlReader
 from mmqa.data.records import ImageRecord
-from mmqa.data.shapes import generate_shapes
 
 
 class GeneratedReader:
     """A built-in dataset: `generate(root, progress=..., **params)` returns its cached folder."""
 
-    generate = None  # each subclass names its generator
+    generate: Callable[..., Path]  # each subclass names its world's generator
 
     def __init__(self, root: str | Path, progress: bool = True, **params):
         self.root = Path(root)
@@ -32,15 +33,3 @@ class GeneratedReader:
     def read(self, split: str, on_bad: OnBad | None = None) -> list[ImageRecord] | None:
         self.dataset_dir  # generates on first use
         return self._reader.read(split, on_bad)
-
-
-class ShapesReader(GeneratedReader):
-    """The shapes world (mmqa/data/shapes.py)."""
-
-    generate = generate_shapes
-
-
-class DishesReader(GeneratedReader):
-    """The dishes world with ingredients and recipes (mmqa/data/dishes.py)."""
-
-    generate = generate_dishes

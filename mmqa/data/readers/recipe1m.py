@@ -25,8 +25,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from mmqa.data.readers import OnBad, _field, _ImageChecker, _load_json, _root_dir, _Samples, _type_name
-from mmqa.data.recipes import singularise
+from mmqa.data.readers.base import ImageChecker, OnBad, Samples, field, load_json, root_dir, type_name
+from mmqa.data.recipe_text import singularise
 from mmqa.data.records import ImageRecord
 from mmqa.errors import DataError
 
@@ -65,14 +65,14 @@ def normalise_ingredient(text: str) -> str:
 
 def _texts(entry: dict, key: str, where: str) -> list[str]:
     """The stripped, non-empty "text" of each item of entry[key] (a list of {"text": str})."""
-    items = _field(entry, key, list, where)
-    texts = (_field(item, "text", str, f"{where}.{key}[{k}]").strip() for k, item in enumerate(items))
+    items = field(entry, key, list, where)
+    texts = (field(item, "text", str, f"{where}.{key}[{k}]").strip() for k, item in enumerate(items))
     return [t for t in texts if t]
 
 
-def _entries(data: Any, path: Path) -> list:
+def entries(data: Any, path: Path) -> list:
     if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON list of entries, got {_type_name(data)}")
+        raise DataError(f"{path}: expected a JSON list of entries, got {type_name(data)}")
     return data
 
 
@@ -103,13 +103,13 @@ class Recipe1MReader:
         self._recipes: list[dict] | None = None
 
     def read(self, split: str, on_bad: OnBad | None = None) -> list[ImageRecord] | None:
-        root = _root_dir(self.root)
+        root = root_dir(self.root)
         if split not in self.splits:
             return None
         partition = self.splits[split]
         image_dir = root / self.image_root  # an absolute image_root replaces root
-        check = _ImageChecker(self.check_images)
-        samples = _Samples(on_bad)
+        check = ImageChecker(self.check_images)
+        samples = Samples(on_bad)
         records = []
         for r in self._load(root, samples):
             if r["partition"] != partition:
@@ -124,7 +124,7 @@ class Recipe1MReader:
                                                ingredients=list(r["ingredients"]), recipe=r["recipe"]))
         return records or None
 
-    def _load(self, root: Path, samples: _Samples) -> list[dict]:
+    def _load(self, root: Path, samples: Samples) -> list[dict]:
         """Every recipe that has images, in layer1 order, with its normalised ingredient names."""
         if self._recipes is not None:
             return self._recipes
@@ -139,11 +139,11 @@ class Recipe1MReader:
         def add_recipe(i: int, entry: dict, rid: str, where: str) -> None:
             if rid in recipes:
                 raise DataError(f"{where}: id already used by entry [{recipes[rid]['index']}]")
-            title = _field(entry, "title", str, where).strip()
+            title = field(entry, "title", str, where).strip()
             lines, steps = _texts(entry, "ingredients", where), _texts(entry, "instructions", where)
             recipes[rid] = {
                 "index": i,
-                "partition": _field(entry, "partition", str, where),
+                "partition": field(entry, "partition", str, where),
                 "recipe": {"title": title, "ingredients": lines, "steps": steps},
                 "ingredients": _names(lines),
                 "images": [],
@@ -151,9 +151,9 @@ class Recipe1MReader:
 
         def add_detected(i: int, entry: dict, rid: str, where: str) -> None:
             recipe = _recipe_of(rid, recipes, where)
-            texts = [_field(item, "text", str, f"{where}.ingredients[{k}]")
-                     for k, item in enumerate(_field(entry, "ingredients", list, where))]
-            valid = _field(entry, "valid", list, where)
+            texts = [field(item, "text", str, f"{where}.ingredients[{k}]")
+                     for k, item in enumerate(field(entry, "ingredients", list, where))]
+            valid = field(entry, "valid", list, where)
             if len(valid) != len(texts) or not all(isinstance(v, bool) for v in valid):
                 raise DataError(f"{where}: 'valid' must be a list of {len(texts)} booleans, one per ingredient")
             recipe["ingredients"] = _names([t for t, ok in zip(texts, valid) if ok])
@@ -163,7 +163,7 @@ class Recipe1MReader:
             if rid in listed:
                 raise DataError(f"{where}: recipe id already listed by entry [{listed[rid]}]")
             image_ids = [_image_id(image, f"{where}.images[{k}]")
-                         for k, image in enumerate(_field(entry, "images", list, where))]
+                         for k, image in enumerate(field(entry, "images", list, where))]
             listed[rid] = i
             recipe.update(images=image_ids, images_where=where)
 
@@ -175,12 +175,12 @@ class Recipe1MReader:
         return self._recipes
 
 
-def _each_entry(path: Path, samples: _Samples, handle: Callable[[int, dict, str, str], None]) -> None:
+def _each_entry(path: Path, samples: Samples, handle: Callable[[int, dict, str, str], None]) -> None:
     """handle(index, entry, recipe id, where) for each entry of the JSON list in `path`; `where`
     names the file, the index and the id. Each entry is one sample for `samples`."""
-    for i, entry in enumerate(_entries(_load_json(path), path)):
+    for i, entry in enumerate(entries(load_json(path), path)):
         with samples.one(where := f"{path}: [{i}]"):
-            rid = _field(entry, "id", str, where)
+            rid = field(entry, "id", str, where)
             handle(i, entry, rid, f"{where} (id '{rid}')")
 
 
@@ -191,7 +191,7 @@ def _recipe_of(rid: str, recipes: dict[str, dict], where: str) -> dict:
 
 
 def _image_id(image: Any, where: str) -> str:
-    image_id = _field(image, "id", str, where)
+    image_id = field(image, "id", str, where)
     if len(image_id) < 5 or "/" in image_id or "\\" in image_id or image_id.startswith("."):
         raise DataError(f"{where}: image id {image_id!r} is not a Recipe1M image file name")
     return image_id

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
-import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
+
+from mmqa.atomic import atomic_dir
 
 SPLITS = ("train", "val", "test")
 
@@ -29,19 +29,8 @@ def cached_dataset(root: str | Path, prefix: str, version: int, params: dict, wr
     final = Path(root) / f"{prefix}-{digest}"
     if final.is_dir():
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"  # the pid keeps concurrent runs apart
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_dir(final, replace=False) as tmp:  # another process may finish first: its copy is identical
         write(tmp)
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            if not final.is_dir():
-                raise
-            # Another process finished the same dataset first; its copy is identical.
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 

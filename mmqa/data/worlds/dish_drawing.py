@@ -4,7 +4,7 @@
 bread, bowl and rice) and `LOOKS[look](draw, x, y, r, angle, ingredient, rng)` one piece of an
 ingredient, both with PIL on the supersampled canvas: `k` is canvas pixels per pixel of a 64 px
 image, and x, y, r are already in canvas pixels. Colours come from the ingredient (`colour`,
-`accent`) or the dish (`rim`); `mmqa.data.dishes` owns the world and calls these.
+`accent`) or the dish (`rim`); `mmqa.data.worlds.dishes` owns the world and calls these.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 from PIL import ImageDraw
 
 if TYPE_CHECKING:  # dishes.py imports this module
-    from mmqa.data.dishes import Dish, Ingredient
+    from mmqa.data.worlds.dishes import Dish, Ingredient
 
 RGB = tuple[int, int, int]
 Draw = ImageDraw.ImageDraw

@@ -6,8 +6,8 @@ the steps, every drawn ingredient gets one quantity line and usually a preparati
 titles, quantities, step wordings, the order of the ingredients and where the preparation steps go
 are drawn at random, so the same dish gets different recipes. Only drawn ingredients are named:
 the base lines use words outside the ingredient vocabulary (no "tomato sauce", "chicken stock" or
-"salt and pepper"), which tests/test_dishes.py checks with `mmqa.data.recipes.ingredient_names`.
-All text is lowercase, like the captions; see `mmqa.data.recipes` for the canonical text form.
+"salt and pepper"), which tests/test_dishes.py checks with `mmqa.data.recipe_text.ingredient_names`.
+All text is lowercase, like the captions; see `mmqa.data.recipe_text` for the canonical text form.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # dishes.py imports this module
-    from mmqa.data.dishes import Ingredient
+    from mmqa.data.worlds.dishes import Ingredient
 
 ADJECTIVES = ("easy", "quick", "classic", "simple", "weeknight", "rustic")
 PREP = ("prep",)  # where a kind's preparation steps go; see KindRecipe.prep_at

@@ -3,9 +3,9 @@ captions and questions.
 
 This module owns the world: the ingredients (their look, colours, sizes, counts and words), the
 dish kinds (which ingredients they allow), sampling a dish and rendering it, its questions and
-captions, and writing a cached dataset in the JSONL layout that `mmqa.data.readers.JsonlReader`
+captions, and writing a cached dataset in the JSONL layout that `mmqa.data.readers.jsonl.JsonlReader`
 reads (see data/README.md), with each image's `ingredients` and `recipe`. The strokes of each
-base and look are in `mmqa.data.dish_drawing`, the recipe text in `mmqa.data.dish_recipes`.
+base and look are in `mmqa.data.worlds.dish_drawing`, the recipe text in `mmqa.data.worlds.dish_recipes`.
 
 Every ingredient a label names is drawn in the image (at least one piece, placed so that pieces
 barely overlap), so the labels are ground truth for ingredient prediction and for checking that a
@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from mmqa.data.dish_drawing import BASES, LOOKS
-from mmqa.data.dish_recipes import join_words, write_recipe
-from mmqa.data.generated import cached_dataset, common_problems, write_splits
+from mmqa.data.worlds.cache import cached_dataset, common_problems, write_splits
+from mmqa.data.worlds.dish_drawing import BASES, LOOKS
+from mmqa.data.worlds.dish_recipes import join_words, write_recipe
 from mmqa.errors import ConfigError
 
 # Part of the cache key: bump it whenever the same parameters would produce different files.
@@ -335,7 +335,7 @@ def generate_dishes(
     progress: bool = True,
 ) -> Path:
     """Generate (or reuse) a dishes dataset under `root` and return its directory,
-    `<root>/dishes-<hash of the parameters>` (see `mmqa.data.generated`)."""
+    `<root>/dishes-<hash of the parameters>` (see `mmqa.data.worlds.cache`)."""
     params = dict(n_train=n_train, n_val=n_val, n_test=n_test, image_size=image_size,
                   min_ingredients=min_ingredients, max_ingredients=max_ingredients,
                   questions_per_image=questions_per_image, min_captions=min_captions, max_captions=max_captions,
@@ -382,7 +382,7 @@ def _write_dataset(out: Path, params: dict, progress: bool) -> None:
                      "captions": n_captions[split], **{k: dict(sorted(v.items())) for k, v in t.items()}}
              for split, t in tallies.items()}
     meta = {
-        "generator": "mmqa.data.dishes",
+        "generator": "mmqa.data.worlds.dishes",
         "version": GENERATOR_VERSION,
         "params": params,
         "families": list(FAMILIES),

@@ -2,7 +2,7 @@
 
 This module owns everything about the world: the scene vocabulary (shapes, colours, sizes,
 backgrounds), sampling and rendering scenes, the question families and their templates, the
-captions, and writing a cached dataset in the JSONL layout that `mmqa.data.readers.JsonlReader`
+captions, and writing a cached dataset in the JSONL layout that `mmqa.data.readers.jsonl.JsonlReader`
 reads (see data/README.md).
 
 Every question is built from the scene itself, so each has one correct answer: a referring
@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from mmqa.data.generated import cached_dataset, common_problems, write_splits
+from mmqa.data.worlds.cache import cached_dataset, common_problems, write_splits
 from mmqa.errors import ConfigError
 
 # Part of the cache key: bump it whenever the same parameters would produce different files.
@@ -447,7 +447,7 @@ def _write_dataset(out: Path, params: dict, progress: bool) -> None:
         for split, counts in family_counts.items()
     }
     meta = {
-        "generator": "mmqa.data.shapes",
+        "generator": "mmqa.data.worlds.shapes",
         "version": GENERATOR_VERSION,
         "params": params,
         "families": list(FAMILIES),
