@@ -22,6 +22,7 @@ from mmqa.build import build_experiment
 from mmqa.bundle import Bundle, read_assets, write_assets
 from mmqa.checkpointing import AtomicCheckpointIO, RNGState, SaveOnSigterm
 from mmqa.config_check import check_config
+from mmqa.cost import StepTimer, gflops_per_image
 from mmqa.data.datamodule import MMQADataModule
 from mmqa.errors import ConfigError
 
@@ -105,7 +106,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         report_skipped(dm, out)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     # not config: a resumed run must draw what the uninterrupted one drew, and a pre-empted one must save
-    callbacks += [RNGState(), SaveOnSigterm()]
+    timer = StepTimer()
+    callbacks += [RNGState(), SaveOnSigterm(), timer]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()])
 
@@ -129,7 +131,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
             "train/fit_seconds": fit_s,
             "train/images_per_second": n_train * max(trainer.current_epoch, 1) / fit_s,
             "train/epochs": trainer.current_epoch,
+            "train/step_seconds": timer.median(),
             "model/parameters": sum(p.numel() for p in lit.model.parameters()),
+            "model/gflops_per_image": gflops_per_image(lit, next(iter(dm.loader("train", train=False)))),
         }
     )
     metrics = {k: float(v) for k, v in metrics.items()}

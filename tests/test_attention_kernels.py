@@ -121,9 +121,9 @@ def test_padding_is_never_attended(name):
 GRID = TokenLayout((("global", 1), ("grid", 5), ("global", 3)))  # CLS, 5 x 5 patches, 3 question tokens
 
 
-def sw_case(layout, radius, causal, grad=True):
+def sw_case(layout, window, causal, grad=True):
     N = len(layout)
-    q, k, v = qkv(N=N, T=N, grad=grad, seed=radius)
+    q, k, v = qkv(N=N, T=N, grad=grad, seed=window)
     key_mask = torch.ones(2, N, dtype=torch.bool)
     first = 0 if layout.segments[0][0] == "global" else 1  # a causal row 0 must keep its one key
     key_mask[0, [first, 3, 4, 10]] = False  # batch 0: the CLS (global) token and some local keys
@@ -132,32 +132,32 @@ def sw_case(layout, radius, causal, grad=True):
 
 
 @pytest.mark.parametrize(
-    "layout,radius,causal",
+    "layout,window,causal",
     [(GRID, 1, False), (GRID, 2, False), (TokenLayout.seq(17), 2, False), (TokenLayout.seq(17), 3, True),
      (TokenLayout((("global", 2), ("grid", 3), ("seq", 6))), 1, False)],
 )
-def test_sliding_window_matches_eager_with_its_dense_mask(layout, radius, causal):
-    q, k, v, key_mask = sw_case(layout, radius, causal)
-    visible = sliding_window_mask(layout, radius, causal) & key_mask[:, None, None, :]  # (B, 1, N, N)
+def test_sliding_window_matches_eager_with_its_dense_mask(layout, window, causal):
+    q, k, v, key_mask = sw_case(layout, window, causal)
+    visible = sliding_window_mask(layout, window, causal) & key_mask[:, None, None, :]  # (B, 1, N, N)
     assert not visible.all()  # the band really restricts attention
-    assert_close_all(out_and_grads(lambda *a: sliding_window(*a, key_mask, causal, layout, radius), q, k, v),
+    assert_close_all(out_and_grads(lambda *a: sliding_window(*a, key_mask, causal, layout, window), q, k, v),
                      out_and_grads(lambda *a: reference(*a, visible), q, k, v), atol=1e-5)
 
 
 def test_sliding_window_mask_by_hand():
-    mask = sliding_window_mask(TokenLayout.grid(3, prefix=1, suffix=1), radius=1)  # 1 + 9 + 1 tokens
+    mask = sliding_window_mask(TokenLayout.grid(3, prefix=1, suffix=1), window=1)  # 1 + 9 + 1 tokens
     assert mask[0].all() and mask[:, 0].all() and mask[10].all() and mask[:, 10].all()  # global rows, columns
     patches = mask[1:10, 1:10]
     assert patches[4].sum() == 9 and patches[0].sum() == 4 and patches[1].sum() == 6  # centre, corner, edge
     assert patches[0].tolist() == [True, True, False, True, True, False, False, False, False]
-    band = sliding_window_mask(TokenLayout.seq(6), radius=1, causal=True)
+    band = sliding_window_mask(TokenLayout.seq(6), window=1, causal=True)
     assert band.long().tolist()[3] == [0, 0, 1, 1, 0, 0]
 
 
-@pytest.mark.parametrize("layout,radius", [(GRID, 4), (GRID, 9), (TokenLayout.seq(25), 24), (TokenLayout.seq(25), 99)])
-def test_radius_beyond_the_segment_is_full_attention(layout, radius):
-    q, k, v, key_mask = sw_case(layout, radius, False, grad=False)
-    torch.testing.assert_close(sliding_window(q, k, v, key_mask, layout=layout, radius=radius),
+@pytest.mark.parametrize("layout,window", [(GRID, 4), (GRID, 9), (TokenLayout.seq(25), 24), (TokenLayout.seq(25), 99)])
+def test_radius_beyond_the_segment_is_full_attention(layout, window):
+    q, k, v, key_mask = sw_case(layout, window, False, grad=False)
+    torch.testing.assert_close(sliding_window(q, k, v, key_mask, layout=layout, window=window),
                                eager(q, k, v, key_mask), atol=1e-5, rtol=0)
 
 

@@ -18,13 +18,13 @@ from conftest import CONF, ROOT
 
 # `python train.py` on this project's 2-core CPU (docs/results.md): test split, best checkpoint
 HEADLINE = {
-    "test/vqa_acc": 0.856,
-    "test/vqa_acc/attribute": 0.958,
-    "test/vqa_acc/existence": 0.985,
-    "test/bleu4": 0.908,
-    "test/r1_t2i": 0.858,
+    "test/vqa_acc": 0.855,
+    "test/vqa_acc/attribute": 0.952,
+    "test/vqa_acc/existence": 0.995,
+    "test/bleu4": 0.911,
+    "test/r1_t2i": 0.879,
 }
-MARGIN = 0.015  # a rerun on this machine gives the figures to the digit; another CPU's float order may not
+MARGIN = 0.025  # runs of the same code on this machine have differed by up to 0.021 (docs/results.md)
 PRESETS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
 

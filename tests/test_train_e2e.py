@@ -21,7 +21,7 @@ from mmqa.train import train
 
 VARIANTS = sorted(p.stem for p in (ROOT / "conf" / "model" / "fusion").glob("*.yaml"))
 STABLE_KEYS = ["test/vqa_acc", "test/bleu4", "test/cider", "test/r1_t2i", "test/r1_i2t", "val/vqa_acc",
-               "train/images_per_second", "model/parameters"]
+               "train/images_per_second", "train/step_seconds", "model/parameters", "model/gflops_per_image"]
 
 
 def run(args: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess:

@@ -36,6 +36,8 @@ OTHER_METRICS = (
     "test/r1_t2i",
     "test/r1_i2t",
     "model/parameters",
+    "model/gflops_per_image",
+    "train/step_seconds",
     "train/images_per_second",
     "train/fit_seconds",
 )

@@ -7,6 +7,7 @@ preprocess config), or the config's for a ViT built from numbers."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import partial
 
 import timm
@@ -17,6 +18,7 @@ from torch import nn
 
 from mmqa.models.outputs import EncoderOutput
 from mmqa.models.pretrained import load_pretrained
+from mmqa.models.vit_attention import swap_attention
 
 
 def stem_problem(channels: list[int], strides: list[int] | None, patch_size: int) -> str | None:
@@ -81,7 +83,10 @@ class TimmImageEncoder(nn.Module):
         stem_strides: list[int] | None,
         name: str | None,
         pretrained: bool | str,
+        attention: Callable | None = None,
     ):
+        """`attention`: the function of `mmqa.models.attention` (parameters bound) that computes the
+        ViT's self-attention, swapped into timm's blocks by `mmqa.models.vit_attention`; None: sdpa."""
         super().__init__()
         if name:
             kwargs = dict(num_classes=0, img_size=image_size)
@@ -109,6 +114,7 @@ class TimmImageEncoder(nn.Module):
                 num_classes=0,
                 **embed,
             )
+        swap_attention(self.vit, attention)
         self.out_dim = self.vit.num_features
         self.grid = self.vit.patch_embed.grid_size[0]
         own = getattr(self.vit, "pretrained_cfg", None) or {}  # only models timm created have one

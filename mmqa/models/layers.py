@@ -1,26 +1,34 @@
 """Transformer building blocks used by the fusion variants.
 
-Attention runs through `F.scaled_dot_product_attention` (flash / memory-efficient kernels on GPU).
-Attention weights are only materialised when a caller asks for them, so the normal forward pass
-pays nothing for the demo's heatmaps.
+Attention runs through the configured attention function (conf/model/attention/, default `sdpa`:
+PyTorch's fused kernels). Attention weights are only materialised when a caller asks for them, so the
+normal forward pass pays nothing for the demo's heatmaps.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from mmqa.models.attention import sdpa
+from mmqa.models.attention.binding import attention_weights, check_dropout, for_cross_attention
+from mmqa.models.attention.sliding_window import TokenLayout
 
 
 class Attention(nn.Module):
-    """Multi-head attention from queries `x` to a context (itself for self-attention)."""
+    """Multi-head attention from queries `x` to a context (itself for self-attention), computed by
+    `attention` (a function of `mmqa.models.attention`, parameters bound; None: `sdpa`)."""
 
-    def __init__(self, dim: int, heads: int, dropout: float = 0.0):
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0, attention: Callable | None = None):
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim {dim} is not divisible by heads {heads}")
+        check_dropout(attention, dropout, "model.dropout")
         self.heads = heads
         self.dropout = dropout
+        self.attend = attention or sdpa
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, 2 * dim)
         self.out = nn.Linear(dim, dim)
@@ -32,6 +40,7 @@ class Attention(nn.Module):
         context_mask: torch.Tensor,  # (B, N) bool, True = attend
         need_weights: bool = False,
         context_idx: torch.Tensor | None = None,  # (Q,): query row i reads context row context_idx[i]
+        layout: TokenLayout | None = None,  # token kinds of a self-attention sequence (sliding_window)
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         B, T, D = x.shape
         h = self.heads
@@ -41,15 +50,13 @@ class Attention(nn.Module):
         if context_idx is not None:
             # keys/values are projected once per image and gathered per question, not once per question
             k, v, context_mask = k[context_idx], v[context_idx], context_mask[context_idx]  # (B, h, N, d)
-        bias = context_mask[:, None, None, :]  # (B, 1, 1, N)
         weights = None
         if need_weights:
-            scores = (q @ k.transpose(-2, -1)) / (D // h) ** 0.5  # (B, h, T, N)
-            weights = scores.masked_fill(~bias, float("-inf")).softmax(-1)
+            weights = attention_weights(self.attend, q, k, context_mask, layout=layout)  # (B, h, T, N)
             y = weights @ v
         else:
-            drop = self.dropout if self.training else 0.0
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop)  # (B, h, T, d)
+            drop = {"dropout_p": self.dropout} if self.training and self.dropout else {}
+            y = self.attend(q, k, v, key_mask=context_mask, layout=layout, **drop)  # (B, h, T, d)
         return self.out(y.transpose(1, 2).reshape(B, T, D)), weights
 
 
@@ -64,17 +71,19 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: self-attention, optional cross-attention to a context, MLP."""
+    """Pre-norm transformer block: self-attention, optional cross-attention to a context, MLP.
+    `attention` serves both; cross-attention falls back to `sdpa` for a sliding window."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float, dropout: float, cross: bool):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, dropout: float, cross: bool,
+                 attention: Callable | None = None):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.self_attn = Attention(dim, heads, dropout)
+        self.self_attn = Attention(dim, heads, dropout, attention)
         self.cross = cross
         if cross:
             self.norm_x = nn.LayerNorm(dim)
             self.norm_ctx = nn.LayerNorm(dim)
-            self.cross_attn = Attention(dim, heads, dropout)
+            self.cross_attn = Attention(dim, heads, dropout, for_cross_attention(attention))
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = MLP(dim, mlp_ratio, dropout)
         self.drop = nn.Dropout(dropout)
@@ -87,9 +96,10 @@ class Block(nn.Module):
         context_mask: torch.Tensor | None = None,  # (B, N) bool
         need_weights: bool = False,
         context_idx: torch.Tensor | None = None,  # (B,) row of `context` for each row of x; None: same row
+        layout: TokenLayout | None = None,  # token kinds of x, for a sliding window; None: a text sequence
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         h = self.norm1(x)
-        a, self_w = self.self_attn(h, h, mask, need_weights=need_weights and not self.cross)
+        a, self_w = self.self_attn(h, h, mask, need_weights=need_weights and not self.cross, layout=layout)
         x = x + self.drop(a)
         weights = self_w
         if self.cross:

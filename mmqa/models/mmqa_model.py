@@ -9,17 +9,39 @@ number of questions.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+
 import torch
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from torch import nn
 
+from mmqa.models.attention.binding import attention_name, for_cross_attention, unbound
 from mmqa.models.decoder import GPT2Decoder
 from mmqa.models.heads import ContrastiveHead, PatchSetHead, VQAHead
+from mmqa.models.layers import Attention
 from mmqa.models.outputs import EncoderOutput, FusionOutput
+from mmqa.models.vit_attention import TimmAttention
+
+log = logging.getLogger(__name__)
 
 
 def _project(out: EncoderOutput, proj: nn.Module) -> EncoderOutput:
     return EncoderOutput(tokens=proj(out.tokens), mask=out.mask, pooled=proj(out.pooled))
+
+
+def attention_plan(attention: Callable | None, model: nn.Module) -> str:
+    """Which attentions of `model` run the configured variant, and which stay dense SDPA and why."""
+    name, params = attention_name(attention), unbound(attention)[1]
+    runs = [m.attend for m in model.modules() if isinstance(m, (Attention, TimmAttention))]
+    served = sum(unbound(f)[0] is unbound(attention)[0] for f in runs)
+    dense = ["the text encoder and the GPT-2 decoder (transformers' own SDPA)"]
+    if for_cross_attention(attention) is not attention and any(hasattr(m, "cross_attn") for m in model.modules()):
+        dense.append("text -> image cross-attention (a sliding window needs one sequence)")
+    if not any(isinstance(m, TimmAttention) for m in model.image_encoder.modules()):
+        dense.append("the image encoder (its own attention)")
+    return (f"attention {name}{' ' + str(params) if params else ''}: {served} of {len(runs)} attention layers; "
+            f"dense SDPA in {'; '.join(dense)}")
 
 
 class MMQAModel(nn.Module):
@@ -37,9 +59,12 @@ class MMQAModel(nn.Module):
         init_temperature: float,
         num_ingredients: int,
         image_position_scale: float,
+        attention: Callable | None = None,
     ):
         """`image_position_scale`: a fixed 2D sin-cos encoding of each patch's grid position, times
-        this, is added to the image tokens that fusion, decoder and ingredient head read (0: none)."""
+        this, is added to the image tokens that fusion, decoder and ingredient head read (0: none).
+        `attention`: the variant conf/model/attention/ gave the encoders and fusion (they receive it
+        through their own configs); here it is only reported, with where it runs, at start-up."""
         super().__init__()
         self.dim, self.head_mlp_ratio, self.dropout = dim, head_mlp_ratio, dropout  # for heads built outside
         self.image_encoder = image_encoder
@@ -55,6 +80,7 @@ class MMQAModel(nn.Module):
         grid = image_encoder.grid
         position = build_sincos2d_pos_embed([grid, grid], dim) * image_position_scale  # (N, D)
         self.register_buffer("image_position", position, persistent=False)  # fixed: not in the weights
+        log.info(attention_plan(attention, self))
 
     @property
     def grid(self) -> int:

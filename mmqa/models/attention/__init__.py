@@ -17,7 +17,7 @@ The functions:
     eager           softmax(QK^T/sqrt d) V materialised; the reference the others are tested against;
                     return_weights=True also returns the (B, h, T, N) weights
     sliding_window  Longformer-style local + global self-attention over a `TokenLayout` (1D bands,
-                    2D patch neighbourhoods, global tokens); O(N (W + G)); params layout, radius
+                    2D patch neighbourhoods, global tokens); O(N (W + G)); params layout, window
     linear          Katharopoulos et al. 2020, phi(x) = elu(x) + 1; O(N d^2); params eps, chunk_size
     tiled           FlashAttention-2 forward and backward in PyTorch tiles, exact; params block_q, block_k
     triton_tiled    the same forward as a Triton kernel (CUDA, or CPU under TRITON_INTERPRET=1)

@@ -61,17 +61,20 @@ def sdpa(
     v: torch.Tensor,  # (B, h, N, d)
     key_mask: torch.Tensor | None = None,  # (B, N) bool, True = attend
     causal: bool = False,
+    layout=None,  # a TokenLayout; only sliding_window reads it, the rest attend to every visible key
+    dropout_p: float = 0.0,
 ) -> torch.Tensor:
-    """`F.scaled_dot_product_attention` under the package's masking rules; returns (B, h, T, d)."""
+    """`F.scaled_dot_product_attention` under the package's masking rules; returns (B, h, T, d).
+    `dropout_p` drops attention weights (pass 0.0 outside training); the one variant that has it."""
     check_inputs(q, k, v, key_mask)
     T, N = q.shape[2], k.shape[2]
     if key_mask is None and (not causal or T == N):
         # no boolean mask lets PyTorch pick its flash / memory-efficient kernels
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout_p)
     visible = visibility(key_mask, causal, T, N, q.device)  # (B | 1, 1, T | 1, N)
     row_any = visible.any(-1, keepdim=True)  # (B | 1, 1, T | 1, 1)
     # empty rows attend to everything (finite, no NaN in either pass) and are zeroed afterwards
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible | ~row_any)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible | ~row_any, dropout_p=dropout_p)
     return out * row_any
 
 
@@ -81,6 +84,7 @@ def eager(
     v: torch.Tensor,  # (B, h, N, d)
     key_mask: torch.Tensor | None = None,  # (B, N) bool, True = attend
     causal: bool = False,
+    layout=None,  # a TokenLayout; only sliding_window reads it, the rest attend to every visible key
     return_weights: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """softmax(QK^T / sqrt d) V with the (B, h, T, N) weights materialised; `return_weights=True`

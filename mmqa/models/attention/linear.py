@@ -39,6 +39,7 @@ def linear(
     v: torch.Tensor,  # (B, h, N, d)
     key_mask: torch.Tensor | None = None,  # (B, N) bool, True = attend
     causal: bool = False,
+    layout=None,  # a TokenLayout; only sliding_window reads it, the rest attend to every visible key
     eps: float = 1e-6,
     chunk_size: int = 64,
 ) -> torch.Tensor:

@@ -3,12 +3,13 @@
 A `TokenLayout` describes the sequence as consecutive segments:
   ("global", n)  n tokens that attend to every token and are attended by every token (CLS, a fusion
                  token, or the question tokens of early fusion, as Longformer makes question tokens global);
-  ("grid", g)    g*g image patches, row-major; each attends to its (2r+1) x (2r+1) neighbourhood on the
+  ("grid", g)    g*g image patches, row-major; each attends to its (2w+1) x (2w+1) neighbourhood on the
                  2D grid (clipped at the borders) plus all global tokens;
-  ("seq", n)     n text tokens; each attends to tokens of its own segment within distance r (a band of
-                 2r+1; with causal=True the band j in [i-r, i]) plus all global tokens.
+  ("seq", n)     n text tokens; each attends to tokens of its own segment within distance w (a band of
+                 2w+1; with causal=True the band j in [i-w, i]) plus all global tokens.
+`window` w counts neighbours on each side (w = 1: a 3 x 3 patch neighbourhood, a band of 3 tokens).
 Local tokens see neighbours inside their own segment only; segments talk to each other through the
-global tokens. A radius at least the grid side / segment length simply covers the whole segment (it is
+global tokens. A window at least the grid side / segment length simply covers the whole segment (it is
 clamped, so the neighbour table never grows past the segment).
 
 The work is banded: for the L local tokens a cached neighbour table (L, W) lists the keys each one
@@ -21,6 +22,7 @@ token coordinates, independently of the table; it exists for tests and documenta
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -54,6 +56,14 @@ class TokenLayout:
         return cls((("seq", n),))
 
     @classmethod
+    def patches(cls, n: int, prefix: int = 0) -> TokenLayout:
+        """n image patch tokens after `prefix` global tokens: a square grid when n is a square, else
+        a 1D band over the patches (an encoder whose patches do not form a square)."""
+        g = math.isqrt(n)
+        local = ("grid", g) if g * g == n else ("seq", n)
+        return cls((("global", prefix),) * (prefix > 0) + (local,))
+
+    @classmethod
     def grid(cls, g: int, prefix: int = 1, suffix: int = 0) -> TokenLayout:
         """A g x g patch grid between `prefix` and `suffix` global tokens (e.g. CLS, question tokens)."""
         segments = (("global", prefix),) * (prefix > 0) + (("grid", g),) + (("global", suffix),) * (suffix > 0)
@@ -75,8 +85,8 @@ def _check_causal(layout: TokenLayout, causal: bool) -> None:
 
 
 @functools.lru_cache(maxsize=64)
-def _tables(layout: TokenLayout, radius: int, causal: bool, device: torch.device) -> _Tables:
-    """The neighbour table of a layout, built once per (layout, radius, causal, device)."""
+def _tables(layout: TokenLayout, window: int, causal: bool, device: torch.device) -> _Tables:
+    """The neighbour table of a layout, built once per (layout, window, causal, device)."""
     # each list starts with an empty piece, so that layouts without local or without global tokens concatenate
     local, glob = [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, dtype=torch.long)]
     rows, valids = [torch.zeros(0, 0, dtype=torch.long)], [torch.zeros(0, 0, dtype=torch.bool)]
@@ -87,7 +97,7 @@ def _tables(layout: TokenLayout, radius: int, causal: bool, device: torch.device
         if kind == "global":
             glob.append(start + positions)
         elif kind == "grid":
-            r = min(radius, n - 1)
+            r = min(window, n - 1)
             dy, dx = torch.meshgrid(torch.arange(-r, r + 1), torch.arange(-r, r + 1), indexing="ij")
             y = positions[:, None] // n + dy.reshape(1, -1)  # (g*g, (2r+1)^2)
             x = positions[:, None] % n + dx.reshape(1, -1)
@@ -95,7 +105,7 @@ def _tables(layout: TokenLayout, radius: int, causal: bool, device: torch.device
             rows.append(start + y.clamp(0, n - 1) * n + x.clamp(0, n - 1))
             local.append(start + positions)
         else:
-            r = min(radius, n - 1)
+            r = min(window, n - 1)
             j = positions[:, None] + torch.arange(-r, 1 if causal else r + 1)  # (n, 2r+1) or (n, r+1)
             valids.append((j >= 0) & (j < n))
             rows.append(start + j.clamp(0, n - 1))
@@ -117,7 +127,7 @@ def sliding_window(
     key_mask: torch.Tensor | None = None,  # (B, N) bool, True = attend
     causal: bool = False,
     layout: TokenLayout | None = None,
-    radius: int = 1,
+    window: int = 1,
 ) -> torch.Tensor:
     """Local (band / 2D neighbourhood) + global attention; returns (B, h, N, d). `layout=None` is
     `TokenLayout.seq(N)`. Causal needs a layout of "seq" segments only. Fully masked rows -> zeros."""
@@ -128,10 +138,10 @@ def sliding_window(
     layout = TokenLayout.seq(N) if layout is None else layout
     if len(layout) != N:
         raise ValueError(f"layout has {len(layout)} tokens but the sequence has N={N}")
-    if radius < 0:
-        raise ValueError(f"radius must be >= 0; got {radius}")
+    if window < 0:
+        raise ValueError(f"sliding_window: window (model.attention.window) must be >= 0; got {window}")
     _check_causal(layout, causal)
-    tab = _tables(layout, radius, causal, q.device)
+    tab = _tables(layout, window, causal, q.device)
     L, W = tab.neighbours.shape
     G = tab.glob.numel()
 
@@ -156,7 +166,7 @@ def sliding_window(
     return torch.cat([out_local, out_glob], 2)[:, :, tab.inverse]  # (B, h, N, d)
 
 
-def sliding_window_mask(layout: TokenLayout, radius: int, causal: bool = False) -> torch.Tensor:
+def sliding_window_mask(layout: TokenLayout, window: int, causal: bool = False) -> torch.Tensor:
     """The dense (N, N) bool mask (True = query row may attend key column) equivalent to
     `sliding_window`, derived from token coordinates rather than from the neighbour table."""
     _check_causal(layout, causal)
@@ -175,7 +185,7 @@ def sliding_window_mask(layout: TokenLayout, radius: int, causal: bool = False) 
     same = segment[:, None] == segment[None, :]  # (N, N)
     dy = row[:, None] - row[None, :]  # query minus key
     dx = col[:, None] - col[None, :]
-    grid_pair = same & (kind == KINDS.index("grid"))[:, None] & (dy.abs() <= radius) & (dx.abs() <= radius)
-    band = (dx >= 0) & (dx <= radius) if causal else dx.abs() <= radius
+    grid_pair = same & (kind == KINDS.index("grid"))[:, None] & (dy.abs() <= window) & (dx.abs() <= window)
+    band = (dx >= 0) & (dx <= window) if causal else dx.abs() <= window
     seq_pair = same & (kind == KINDS.index("seq"))[:, None] & band
     return is_global[:, None] | is_global[None, :] | grid_pair | seq_pair

@@ -123,6 +123,7 @@ def triton_tiled(
     v: torch.Tensor,  # (B, h, N, d)
     key_mask: torch.Tensor | None = None,  # (B, N) bool, True = attend
     causal: bool = False,
+    layout=None,  # a TokenLayout; only sliding_window reads it, the rest attend to every visible key
     block_q: int = 64,
     block_k: int = 64,
 ) -> torch.Tensor:

@@ -1,21 +1,33 @@
 """Cross-attention fusion: question tokens attend to image patches layer by layer (ViLBERT / LXMERT
-style). With `bidirectional`, image patches also attend back to the question in each layer."""
+style). With `bidirectional`, image patches also attend back to the question in each layer.
+
+`attention` (conf/model/attention/) computes every attention here. A sliding window applies to the
+self-attention of the question (a band) and, with `bidirectional`, of the patches (a 2D
+neighbourhood); text -> image cross-attention stays dense, since a window has no meaning across
+two sequences (`mmqa.models.attention.binding.for_cross_attention`)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from mmqa.models.attention.sliding_window import TokenLayout
 from mmqa.models.layers import Block, masked_mean
 from mmqa.models.outputs import FusionOutput
 
 
 class CrossFusion(nn.Module):
-    def __init__(self, dim: int, depth: int, heads: int, mlp_ratio: float, dropout: float, bidirectional: bool):
+    def __init__(self, dim: int, depth: int, heads: int, mlp_ratio: float, dropout: float, bidirectional: bool,
+                 attention: Callable | None = None):
         super().__init__()
-        self.text_blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, dropout, cross=True) for _ in range(depth))
+        def block():
+            return Block(dim, heads, mlp_ratio, dropout, cross=True, attention=attention)
+
+        self.text_blocks = nn.ModuleList(block() for _ in range(depth))
         self.image_blocks = (
-            nn.ModuleList(Block(dim, heads, mlp_ratio, dropout, cross=True) for _ in range(depth))
+            nn.ModuleList(block() for _ in range(depth))
             if bidirectional
             else None
         )
@@ -34,12 +46,13 @@ class CrossFusion(nn.Module):
         if self.image_blocks is not None:
             # image tokens will be updated per question, so each question needs its own copy
             v, img_mask, v_idx = img_tokens[img_idx], img_mask[img_idx], None
+        grid = TokenLayout.patches(img_tokens.shape[1])  # the patches' 2D grid, for a sliding window
         weights = None
         for i, blk in enumerate(self.text_blocks):
             last = i == len(self.text_blocks) - 1
             t_new, weights = blk(t, txt_mask, v, img_mask, need_weights=return_attention and last, context_idx=v_idx)
             if self.image_blocks is not None:
-                v, _ = self.image_blocks[i](v, img_mask, t, txt_mask)
+                v, _ = self.image_blocks[i](v, img_mask, t, txt_mask, layout=grid)
             t = t_new
         t = self.norm(t)
         return FusionOutput(pooled=masked_mean(t, txt_mask), tokens=t, attention=weights)  # weights (B, h, T, N)

@@ -1,23 +1,32 @@
 """Early fusion: image patches and question tokens, tagged with modality embeddings, go through one
-shared transformer, so every layer can mix the two modalities."""
+shared transformer, so every layer can mix the two modalities.
+
+`attention` (conf/model/attention/) computes the transformer's self-attention. For a sliding window
+the sequence is laid out Longformer-style: the fusion token and the question tokens are global (they
+see and are seen by every token, as Longformer makes a question global), and each image patch
+attends to its 2D neighbourhood plus those global tokens."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from mmqa.models.attention.sliding_window import TokenLayout
 from mmqa.models.layers import Block
 from mmqa.models.outputs import FusionOutput
 
 
 class EarlyFusion(nn.Module):
-    def __init__(self, dim: int, depth: int, heads: int, mlp_ratio: float, dropout: float):
+    def __init__(self, dim: int, depth: int, heads: int, mlp_ratio: float, dropout: float,
+                 attention: Callable | None = None):
         super().__init__()
         self.fuse_token = nn.Parameter(torch.zeros(1, 1, dim))  # pooled output, like BERT's [CLS]
         self.modality = nn.Parameter(torch.zeros(2, dim))  # 0 = image, 1 = text
         nn.init.normal_(self.fuse_token, std=0.02)
         nn.init.normal_(self.modality, std=0.02)
-        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, dropout, cross=False) for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, dropout, cross=False, attention=attention) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
 
     def forward(
@@ -35,10 +44,12 @@ class EarlyFusion(nn.Module):
         x = torch.cat([fuse, img_tokens + self.modality[0], txt_tokens + self.modality[1]], dim=1)  # (B, 1+N+T, D)
         ones = torch.ones(B, 1, dtype=torch.bool, device=x.device)
         mask = torch.cat([ones, img_mask, txt_mask], dim=1)  # (B, 1+N+T)
+        T = txt_tokens.shape[1]
+        layout = TokenLayout(TokenLayout.patches(N, prefix=1).segments + (("global", T),))  # fuse, grid, question
         weights = None
         for i, blk in enumerate(self.blocks):
             last = i == len(self.blocks) - 1
-            x, weights = blk(x, mask, need_weights=return_attention and last)
+            x, weights = blk(x, mask, need_weights=return_attention and last, layout=layout)
         x = self.norm(x)
         attention = weights[:, :, 1 + N :, 1 : 1 + N] if weights is not None else None  # (B, h, T, N)
         return FusionOutput(pooled=x[:, 0], tokens=x[:, 1 + N :], attention=attention)
