@@ -20,6 +20,8 @@ def test_registry_lists_the_three_designs():
 def build(name: str, **extra):
     cfg = OmegaConf.load(CONF / "model" / "fusion" / f"{name}.yaml")
     cfg.dim, cfg.dropout = D, 0.0  # the YAML reads both from ${model.*}
+    if "attention" in cfg:
+        cfg.attention = None  # ${model.attention}: None is sdpa (tests/test_attention_model.py tries the rest)
     for k, v in extra.items():
         cfg[k] = v
     torch.manual_seed(0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import subprocess
 import sys
 
@@ -205,6 +206,8 @@ EXPECTED_SWEEPS = {
     "fusion_ablation": {"model/fusion": {"early", "late", "cross"}},
     "loss_ablation": {"loss": {"vqa", "vqa_contrastive", "vqa_caption", "vqa_caption_contrastive", "all"}},
     "depth_ablation": {"model.fusion.depth": {"1", "2", "4"}},
+    "attention_ablation": {"model/attention": {"sdpa", "eager", "sliding_window", "linear", "tiled"},
+                           "data.image_size": {"64", "128"}},
 }
 
 
@@ -230,7 +233,7 @@ def test_experiment_sweeps_compose(name):
             k, v = o.split("=", 1)
             values.setdefault(k, set()).add(v)
     assert values == {**EXPECTED_SWEEPS[name], "seed": {"0", "1", "2"}}
-    assert len(jobs) == 3 * len(next(iter(EXPECTED_SWEEPS[name].values())))
+    assert len(jobs) == 3 * math.prod(len(v) for v in EXPECTED_SWEEPS[name].values())
     for job in jobs:  # every job of the sweep composes
         job_cfg = compose_hydra(f"experiment={name}", *job)
         assert job_cfg.seed == int(dict(o.split("=", 1) for o in job)["seed"])
