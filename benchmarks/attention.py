@@ -102,8 +102,9 @@ def main() -> None:
         score_gib = args.batch * args.heads * n * n * 4 / 2**30
         for name, fn in fns.items():
             for backward in (False, True):
-                if name == "eager" and score_gib * (3 if backward else 2) > 2 * args.naive_limit_gib:
-                    rows.append({"variant": name, "N": n, "backward": backward, "skipped": f"needs ~{score_gib * (3 if backward else 2):.0f} GiB"})
+                naive_gib = score_gib * (3 if backward else 2)  # scores and weights, and their gradient
+                if name == "eager" and naive_gib > 2 * args.naive_limit_gib:
+                    rows.append({"variant": name, "N": n, "backward": backward, "skipped": f"needs ~{naive_gib:.0f} GiB"})
                     continue
                 r = measure(fn, q, k, v, layout, backward, args.repeats)
                 rows.append({"variant": name, "N": n, "backward": backward, **r})

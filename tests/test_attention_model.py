@@ -159,3 +159,9 @@ def test_every_variant_trains_through_train_py(data_dir, tmp_path):
         log = (sweep / str(i) / "train.log").read_text()
         assert f"attention {name}" in log and "3 of 3 attention layers" in log, log[-2000:]
     assert proc.returncode == 0
+
+
+def test_patch_layouts_are_a_grid_when_square_else_a_band():
+    assert TokenLayout.patches(64, prefix=1, suffix=5).segments == (("global", 1), ("grid", 8), ("global", 5))
+    assert TokenLayout.patches(65, prefix=1).segments == (("global", 1), ("seq", 65))
+    assert len(TokenLayout.patches(50, suffix=3)) == 53

@@ -16,7 +16,8 @@ The work is banded: for the L local tokens a cached neighbour table (L, W) lists
 sees, whose keys/values are gathered to (B, h, L, W, d) and scored together with the G global keys;
 the G global queries attend densely to all N keys (O(G N)). Global tokens are never in the neighbour
 table, so no key is counted twice. `sliding_window_mask` builds the equivalent dense (N, N) mask from
-token coordinates, independently of the table; it exists for tests and documentation only.
+token coordinates, independently of the table; the tests check the two against each other, and
+`binding.attention_weights` uses it to materialise the window's weights for inspection.
 """
 
 from __future__ import annotations
@@ -56,12 +57,13 @@ class TokenLayout:
         return cls((("seq", n),))
 
     @classmethod
-    def patches(cls, n: int, prefix: int = 0) -> TokenLayout:
-        """n image patch tokens after `prefix` global tokens: a square grid when n is a square, else
-        a 1D band over the patches (an encoder whose patches do not form a square)."""
+    def patches(cls, n: int, prefix: int = 0, suffix: int = 0) -> TokenLayout:
+        """n image patch tokens between `prefix` and `suffix` global tokens: `grid` when n is a square,
+        else a 1D band over the patches (an encoder whose patches do not form a square)."""
         g = math.isqrt(n)
-        local = ("grid", g) if g * g == n else ("seq", n)
-        return cls((("global", prefix),) * (prefix > 0) + (local,))
+        if g * g == n:
+            return cls.grid(g, prefix, suffix)
+        return cls((("global", prefix),) * (prefix > 0) + (("seq", n),) + (("global", suffix),) * (suffix > 0))
 
     @classmethod
     def grid(cls, g: int, prefix: int = 1, suffix: int = 0) -> TokenLayout:

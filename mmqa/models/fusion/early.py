@@ -45,7 +45,7 @@ class EarlyFusion(nn.Module):
         ones = torch.ones(B, 1, dtype=torch.bool, device=x.device)
         mask = torch.cat([ones, img_mask, txt_mask], dim=1)  # (B, 1+N+T)
         T = txt_tokens.shape[1]
-        layout = TokenLayout(TokenLayout.patches(N, prefix=1).segments + (("global", T),))  # fuse, grid, question
+        layout = TokenLayout.patches(N, prefix=1, suffix=T)  # fusion token, patches, question (global)
         weights = None
         for i, blk in enumerate(self.blocks):
             last = i == len(self.blocks) - 1
