@@ -136,6 +136,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
             "model/gflops_per_image": gflops_per_image(lit, next(iter(dm.loader("train", train=False)))),
         }
     )
+    for callback in callbacks:  # e.g. the diagnostics callback's alarm counts
+        metrics.update(callback.run_metrics() if hasattr(callback, "run_metrics") else {})
     metrics = {k: float(v) for k, v in metrics.items()}
     if trainer.is_global_zero:
         Bundle(cfg, lit.model, *dm.tokenizers, dm.answers, dm.ingredients).save(out / "bundle")

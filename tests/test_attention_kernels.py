@@ -30,7 +30,7 @@ from mmqa.models.attention import (
     triton_tiled,
 )
 from mmqa.models.attention.linear import feature_map
-from mmqa.models.attention.sliding_window import _tables
+from mmqa.models.attention.sliding_window import neighbourhood
 
 ROOT = Path(__file__).resolve().parents[1]
 # the package's `triton_tiled` attribute is the function, which shadows the submodule of that name
@@ -161,15 +161,16 @@ def test_radius_beyond_the_segment_is_full_attention(layout, window):
                                eager(q, k, v, key_mask), atol=1e-5, rtol=0)
 
 
-def test_neighbour_table_is_banded():
-    # (N_local, (2r+1)^2) however large the grid: the work per query does not grow with N
-    for g in (5, 16):
-        layout = TokenLayout.grid(g, prefix=1, suffix=12)
+def test_neighbourhood_is_banded():
+    # (2r+1)^2 keys a patch, 2r+1 (causal r+1) a token, however long the segment: work per query does not grow with N
+    for g in (5, 16, 64):
         for r in (1, 2):
-            tab = _tables(layout, r, False, torch.device("cpu"))
-            assert tab.neighbours.shape == (g * g, (2 * r + 1) ** 2) and tab.glob.numel() == 13
-    assert _tables(TokenLayout.seq(300), 3, False, torch.device("cpu")).neighbours.shape == (300, 7)
-    assert _tables(TokenLayout.seq(300), 3, True, torch.device("cpu")).neighbours.shape == (300, 4)
+            hood = neighbourhood("grid", g, r, False)
+            assert len(hood.offsets) == (2 * r + 1) ** 2 and hood.pad == (r, r, r, r)
+    assert len(neighbourhood("seq", 300, 3, False).offsets) == 7
+    causal = neighbourhood("seq", 300, 3, True)
+    assert causal.offsets == ((0, 0), (0, 1), (0, 2), (0, 3)) and causal.pad == (3, 0, 0, 0)  # keys i-3 .. i
+    assert len(neighbourhood("grid", 3, 9, False).offsets) == 25  # clamped to the grid: r = 2
 
 
 def test_sliding_window_rejects_bad_shapes():

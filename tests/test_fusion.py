@@ -22,6 +22,8 @@ def build(name: str, **extra):
     cfg.dim, cfg.dropout = D, 0.0  # the YAML reads both from ${model.*}
     if "attention" in cfg:
         cfg.attention = None  # ${model.attention}: None is sdpa (tests/test_attention_model.py tries the rest)
+    if "qk_norm" in cfg:
+        cfg.qk_norm = False  # ${model.qk_norm} (tests/test_diagnostics.py tries it)
     for k, v in extra.items():
         cfg[k] = v
     torch.manual_seed(0)

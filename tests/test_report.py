@@ -208,6 +208,7 @@ EXPECTED_SWEEPS = {
     "depth_ablation": {"model.fusion.depth": {"1", "2", "4"}},
     "attention_ablation": {"model/attention": {"sdpa", "eager", "sliding_window", "linear", "tiled"},
                            "data.image_size": {"64", "128"}},
+    "collapse_study": {"stability": {"none", "qk_norm", "sigma_reparam", "registers"}},
 }
 
 

@@ -1,7 +1,9 @@
 """The ablation report: `python -m mmqa report DIR [DIR ...]` reads every run of one or more Hydra
 multirun folders and writes, into the first DIR, `report.md` (a table of mean ± std over seeds per
 configuration, failed and missing runs, Welch's t-tests between configurations), `report.csv` (the
-same table) and two figures, `per_family.png` and `val_curves.png`.
+same table) and two figures, `per_family.png` and `val_curves.png`; for runs trained with
+`callbacks=diagnostics`, also whether their alarms fired before the damage, and `diagnostics.png`
+(mmqa/cli/report_diagnostics.py).
 
 A run is a sub-folder with `.hydra/config.yaml` and `.hydra/overrides.yaml`; it succeeded when it
 wrote `metrics.json` (mmqa/train.py). A configuration is the set of overrides that differ between
@@ -25,7 +27,9 @@ import yaml
 from scipy import stats
 
 from mmqa.atomic import write_atomic
+from mmqa.cli import report_diagnostics
 from mmqa.errors import MMQAError
+from mmqa.figures import new_figure
 
 SEED_KEY = "seed"  # the override that names a repetition, not a configuration
 ACC = "test/vqa_acc"
@@ -317,6 +321,8 @@ def render_markdown(rep: Report) -> str:
             "![validation accuracy](val_curves.png)"]
     if no_curve:
         out += ["", f"Runs without `{CURVES_CSV.as_posix()}` (not in the curves): " + ", ".join(no_curve)]
+    if report_diagnostics.has_diagnostics(rep.groups):
+        out += report_diagnostics.render(rep.groups)
     return "\n".join(out) + "\n"
 
 
@@ -335,21 +341,11 @@ def render_csv(rep: Report) -> str:
     return f.getvalue()
 
 
-def _figure(width: float, height: float):
-    # a Figure on the Agg canvas directly: no pyplot global state, no display needed
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
 def plot_per_family(rep: Report, f) -> None:
     """Grouped bars: overall and per-family test accuracy, one bar per configuration, std error bars."""
     columns = [m for m in rep.metrics if m == ACC or m.startswith(FAMILY_PREFIX)]
     names = ["overall" if m == ACC else m[len(FAMILY_PREFIX):] for m in columns]
-    fig = _figure(max(6.0, 2.0 + 0.5 * len(columns) * len(rep.groups)), 4.5)
+    fig = new_figure(max(6.0, 2.0 + 0.5 * len(columns) * len(rep.groups)), 4.5)
     ax = fig.add_subplot()
     width = 0.8 / max(1, len(rep.groups))
     x = np.arange(len(columns))
@@ -378,7 +374,7 @@ def read_curve(run: Run) -> tuple[list[int], list[float]]:
 
 def plot_val_curves(rep: Report, f) -> None:
     """val/vqa_acc over training steps for every run, one colour per configuration; failed runs dashed."""
-    fig = _figure(7.0, 4.5)
+    fig = new_figure(7.0, 4.5)
     ax = fig.add_subplot()
     colours = [f"C{i % 10}" for i in range(len(rep.groups))]
     for g, colour in zip(rep.groups, colours):
@@ -404,7 +400,11 @@ def write_report(rep: Report, out_dir: Path) -> list[Path]:
     outputs = [out_dir / n for n in ("report.md", "report.csv", "per_family.png", "val_curves.png")]
     # render everything before writing anything: a run that cannot be read leaves the old report whole
     contents = [render_markdown(rep), render_csv(rep)]
-    for plot in (plot_per_family, plot_val_curves):
+    plots = [plot_per_family, plot_val_curves]
+    if report_diagnostics.has_diagnostics(rep.groups):
+        outputs.append(out_dir / "diagnostics.png")
+        plots.append(lambda rep, f: report_diagnostics.plot(rep.groups, f))
+    for plot in plots:
         png = io.BytesIO()
         plot(rep, png)
         contents.append(png.getvalue())

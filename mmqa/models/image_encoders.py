@@ -84,12 +84,18 @@ class TimmImageEncoder(nn.Module):
         name: str | None,
         pretrained: bool | str,
         attention: Callable | None = None,
+        qk_norm: bool = False,
+        reg_tokens: int = 0,
     ):
         """`attention`: the function of `mmqa.models.attention` (parameters bound) that computes the
-        ViT's self-attention, swapped into timm's blocks by `mmqa.models.vit_attention`; None: sdpa."""
+        ViT's self-attention, swapped into timm's blocks by `mmqa.models.vit_attention`; None: sdpa.
+        `qk_norm`: timm's QK-layernorm in every block; `reg_tokens`: timm's register tokens (Darcet et
+        al. 2023), extra prefix tokens that soak up the high-norm artefacts patches would otherwise
+        carry. A named model gets them only when set (its pretrained weights have neither)."""
         super().__init__()
+        extras = {k: v for k, v in dict(qk_norm=qk_norm, reg_tokens=reg_tokens).items() if v}
         if name:
-            kwargs = dict(num_classes=0, img_size=image_size)
+            kwargs = dict(num_classes=0, img_size=image_size, **extras)
             if isinstance(pretrained, str):
                 kwargs["pretrained_cfg_overlay"] = dict(file=pretrained)
             self.vit = load_pretrained(
@@ -113,6 +119,7 @@ class TimmImageEncoder(nn.Module):
                 drop_path_rate=drop_path,
                 num_classes=0,
                 **embed,
+                **extras,
             )
         swap_attention(self.vit, attention)
         self.out_dim = self.vit.num_features

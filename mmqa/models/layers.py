@@ -19,9 +19,12 @@ from mmqa.models.attention.sliding_window import TokenLayout
 
 class Attention(nn.Module):
     """Multi-head attention from queries `x` to a context (itself for self-attention), computed by
-    `attention` (a function of `mmqa.models.attention`, parameters bound; None: `sdpa`)."""
+    `attention` (a function of `mmqa.models.attention`, parameters bound; None: `sdpa`). With `qk_norm`
+    each head's queries and keys are layer-normalised before their dot product (QK-layernorm,
+    Dehghani et al. 2023), which bounds the attention logits."""
 
-    def __init__(self, dim: int, heads: int, dropout: float = 0.0, attention: Callable | None = None):
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0, attention: Callable | None = None,
+                 qk_norm: bool = False):
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim {dim} is not divisible by heads {heads}")
@@ -32,6 +35,8 @@ class Attention(nn.Module):
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, 2 * dim)
         self.out = nn.Linear(dim, dim)
+        self.q_norm = nn.LayerNorm(dim // heads) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(dim // heads) if qk_norm else nn.Identity()
 
     def forward(
         self,
@@ -44,9 +49,10 @@ class Attention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         B, T, D = x.shape
         h = self.heads
-        q = self.q(x).view(B, T, h, D // h).transpose(1, 2)  # (B, h, T, d)
+        q = self.q_norm(self.q(x).view(B, T, h, D // h).transpose(1, 2))  # (B, h, T, d)
         Bc = context.shape[0]
         k, v = self.kv(context).view(Bc, -1, 2, h, D // h).permute(2, 0, 3, 1, 4)  # 2 x (Bc, h, N, d)
+        k = self.k_norm(k)
         if context_idx is not None:
             # keys/values are projected once per image and gathered per question, not once per question
             k, v, context_mask = k[context_idx], v[context_idx], context_mask[context_idx]  # (B, h, N, d)
@@ -72,18 +78,18 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
     """Pre-norm transformer block: self-attention, optional cross-attention to a context, MLP.
-    `attention` serves both; cross-attention falls back to `sdpa` for a sliding window."""
+    `attention` and `qk_norm` serve both; cross-attention falls back to `sdpa` for a sliding window."""
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float, dropout: float, cross: bool,
-                 attention: Callable | None = None):
+                 attention: Callable | None = None, qk_norm: bool = False):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.self_attn = Attention(dim, heads, dropout, attention)
+        self.self_attn = Attention(dim, heads, dropout, attention, qk_norm)
         self.cross = cross
         if cross:
             self.norm_x = nn.LayerNorm(dim)
             self.norm_ctx = nn.LayerNorm(dim)
-            self.cross_attn = Attention(dim, heads, dropout, for_cross_attention(attention))
+            self.cross_attn = Attention(dim, heads, dropout, for_cross_attention(attention), qk_norm)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = MLP(dim, mlp_ratio, dropout)
         self.drop = nn.Dropout(dropout)

@@ -21,6 +21,8 @@ from mmqa.models.decoder import GPT2Decoder
 from mmqa.models.heads import ContrastiveHead, PatchSetHead, VQAHead
 from mmqa.models.layers import Attention
 from mmqa.models.outputs import EncoderOutput, FusionOutput
+from mmqa.models.qk_norm import add_qk_norm
+from mmqa.models.sigma_reparam import apply_sigma_reparam
 from mmqa.models.vit_attention import TimmAttention
 
 log = logging.getLogger(__name__)
@@ -60,11 +62,16 @@ class MMQAModel(nn.Module):
         num_ingredients: int,
         image_position_scale: float,
         attention: Callable | None = None,
+        qk_norm: bool = False,
+        sigma_reparam: bool = False,
     ):
         """`image_position_scale`: a fixed 2D sin-cos encoding of each patch's grid position, times
         this, is added to the image tokens that fusion, decoder and ingredient head read (0: none).
         `attention`: the variant conf/model/attention/ gave the encoders and fusion (they receive it
-        through their own configs); here it is only reported, with where it runs, at start-up."""
+        through their own configs); here it is only reported, with where it runs, at start-up. `qk_norm`:
+        the ViT and fusion get it through their configs, the transformers text encoder and decoder here
+        (mmqa/models/qk_norm.py). `sigma_reparam`: σReparam on the projections of every attention
+        (mmqa/models/sigma_reparam.py)."""
         super().__init__()
         self.dim, self.head_mlp_ratio, self.dropout = dim, head_mlp_ratio, dropout  # for heads built outside
         self.image_encoder = image_encoder
@@ -80,7 +87,12 @@ class MMQAModel(nn.Module):
         grid = image_encoder.grid
         position = build_sincos2d_pos_embed([grid, grid], dim) * image_position_scale  # (N, D)
         self.register_buffer("image_position", position, persistent=False)  # fixed: not in the weights
-        log.info(attention_plan(attention, self))
+        if sigma_reparam:  # before the QK-norm wrappers, which hide the projections' weights
+            log.info(f"sigma_reparam: {apply_sigma_reparam(self)} attention projections reparametrised")
+        plan = attention_plan(attention, self)
+        if qk_norm:  # the ViT and fusion built it from their configs; transformers' modules get it here
+            plan += f"; QK-layernorm everywhere ({add_qk_norm(self)} transformers attention modules wrapped)"
+        log.info(plan)
 
     @property
     def grid(self) -> int:

@@ -32,6 +32,7 @@ def unbound(fn: Callable | None) -> tuple[Callable, dict]:
     """(the attention function, its bound parameters); None is `sdpa` without parameters."""
     if fn is None:
         return sdpa, {}
+    fn = getattr(fn, "__wrapped__", fn)  # a probe of mmqa.inspect.capture stands in for the function it wraps
     if isinstance(fn, functools.partial):
         return fn.func, dict(fn.keywords)
     return fn, {}

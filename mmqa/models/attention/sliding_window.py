@@ -10,19 +10,21 @@ A `TokenLayout` describes the sequence as consecutive segments:
 `window` w counts neighbours on each side (w = 1: a 3 x 3 patch neighbourhood, a band of 3 tokens).
 Local tokens see neighbours inside their own segment only; segments talk to each other through the
 global tokens. A window at least the grid side / segment length simply covers the whole segment (it is
-clamped, so the neighbour table never grows past the segment).
+clamped, so the neighbourhood never grows past the segment).
 
-The work is banded: for the L local tokens a cached neighbour table (L, W) lists the keys each one
-sees, whose keys/values are gathered to (B, h, L, W, d) and scored together with the G global keys;
-the G global queries attend densely to all N keys (O(G N)). Global tokens are never in the neighbour
-table, so no key is counted twice. `sliding_window_mask` builds the equivalent dense (N, N) mask from
-token coordinates, independently of the table; the tests check the two against each other, and
+The work is banded and gathers nothing: each local segment is laid out as a plane (a grid g x g, a
+sequence 1 x n) and zero-padded by the window; the W neighbours of every query are then W shifted
+slices of that plane (strided views), each scored by one elementwise product, so a query costs
+O(W + G) and no (N, N) or (N, W, d) tensor is built. The G global queries attend densely to all N keys
+(O(G N)). `sliding_window_mask` builds the equivalent dense (N, N) mask from token coordinates,
+independently of the slices; the tests check the two against each other, and
 `binding.attention_weights` uses it to materialise the window's weights for inspection.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -72,12 +74,13 @@ class TokenLayout:
         return cls(segments)
 
 
-class _Tables(NamedTuple):
-    local: torch.Tensor  # (L,) positions of the local tokens
-    glob: torch.Tensor  # (G,) positions of the global tokens
-    neighbours: torch.Tensor  # (L, W) positions each local token attends to (padding where not valid)
-    valid: torch.Tensor  # (L, W) bool
-    inverse: torch.Tensor  # (N,) puts [local outputs, global outputs] back in sequence order
+class Neighbourhood(NamedTuple):
+    """How one local segment is laid out for the shifted-slice computation."""
+
+    rows: int  # a grid's side, or 1 for a sequence
+    cols: int  # a grid's side, or the sequence length
+    pad: tuple[int, int, int, int]  # (left, right, top, bottom) padding of the (rows, cols) plane
+    offsets: tuple[tuple[int, int], ...]  # (dy, dx) of each neighbour slice into the padded plane: W of them
 
 
 def _check_causal(layout: TokenLayout, causal: bool) -> None:
@@ -86,40 +89,54 @@ def _check_causal(layout: TokenLayout, causal: bool) -> None:
         raise ValueError(f"causal sliding_window needs a layout of 'seq' segments only; got {layout.segments}")
 
 
+def neighbourhood(kind: str, n: int, window: int, causal: bool) -> Neighbourhood:
+    """The (2r+1)^2 offsets of a grid segment of side n, or the 2r+1 (causal: r+1) of a sequence of n,
+    with r = min(window, n - 1): the number of keys a query sees does not grow with n."""
+    r = min(window, n - 1)
+    if kind == "grid":
+        span = range(2 * r + 1)
+        return Neighbourhood(n, n, (r, r, r, r), tuple((dy, dx) for dy in span for dx in span))
+    right = 0 if causal else r  # a causal band ends at the query itself
+    return Neighbourhood(1, n, (r, right, 0, 0), tuple((0, dx) for dx in range(r + 1 + right)))
+
+
 @functools.lru_cache(maxsize=64)
-def _tables(layout: TokenLayout, window: int, causal: bool, device: torch.device) -> _Tables:
-    """The neighbour table of a layout, built once per (layout, window, causal, device)."""
-    # each list starts with an empty piece, so that layouts without local or without global tokens concatenate
-    local, glob = [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, dtype=torch.long)]
-    rows, valids = [torch.zeros(0, 0, dtype=torch.long)], [torch.zeros(0, 0, dtype=torch.bool)]
-    start = 0
-    for kind, n in layout.segments:
-        size = n * n if kind == "grid" else n
-        positions = torch.arange(size)
-        if kind == "global":
-            glob.append(start + positions)
-        elif kind == "grid":
-            r = min(window, n - 1)
-            dy, dx = torch.meshgrid(torch.arange(-r, r + 1), torch.arange(-r, r + 1), indexing="ij")
-            y = positions[:, None] // n + dy.reshape(1, -1)  # (g*g, (2r+1)^2)
-            x = positions[:, None] % n + dx.reshape(1, -1)
-            valids.append((y >= 0) & (y < n) & (x >= 0) & (x < n))
-            rows.append(start + y.clamp(0, n - 1) * n + x.clamp(0, n - 1))
-            local.append(start + positions)
-        else:
-            r = min(window, n - 1)
-            j = positions[:, None] + torch.arange(-r, 1 if causal else r + 1)  # (n, 2r+1) or (n, r+1)
-            valids.append((j >= 0) & (j < n))
-            rows.append(start + j.clamp(0, n - 1))
-            local.append(start + positions)
-        start += size
-    width = max(t.shape[1] for t in rows)
-    # segments with narrower neighbourhoods are padded with invalid entries up to the widest one
-    neighbours = torch.cat([F.pad(t, (0, width - t.shape[1])) for t in rows])
-    valid = torch.cat([F.pad(t, (0, width - t.shape[1])) for t in valids])
-    local_idx, glob_idx = torch.cat(local), torch.cat(glob)
-    inverse = torch.cat([local_idx, glob_idx]).argsort()
-    return _Tables(*(t.to(device) for t in (local_idx, glob_idx, neighbours, valid, inverse)))
+def _global_positions(layout: TokenLayout, device: torch.device) -> torch.Tensor:
+    """(G,) positions of the global tokens, built once per (layout, device)."""
+    starts = itertools.accumulate((n * n if kind == "grid" else n for kind, n in layout.segments), initial=0)
+    pieces = [torch.arange(s, s + n) for (kind, n), s in zip(layout.segments, starts) if kind == "global"]
+    return torch.cat([torch.zeros(0, dtype=torch.long), *pieces]).to(device)
+
+
+def _local(
+    q: torch.Tensor,  # (B, h, S, d) the segment's queries, already scaled
+    k: torch.Tensor,  # (B, h, S, d) the segment's keys
+    v: torch.Tensor,  # (B, h, S, d)
+    visible: torch.Tensor,  # (B | 1, S) bool, the segment's key mask
+    hood: Neighbourhood,
+):
+    """Scores of each query against its W neighbours by shifted slices of the zero-padded key plane
+    (no gather, no N x N): returns scores (B, h, S, W), their visibility (B | 1, 1, S, W) and a function
+    that takes weights (B, h, S, W) to outputs (B, h, S, d)."""
+    B, h, S, d = q.shape
+    plane = (B, h, hood.rows, hood.cols, d)
+    k_pad = F.pad(k.reshape(plane), (0, 0, *hood.pad))  # (B, h, rows + pads, cols + pads, d)
+    v_pad = F.pad(v.reshape(plane), (0, 0, *hood.pad))
+    vis_pad = F.pad(visible.reshape(-1, hood.rows, hood.cols), hood.pad, value=False)  # outside = invisible
+    q_plane = q.reshape(plane)
+
+    def shifted(t, dy, dx):  # the neighbour at offset (dy, dx) of every query, a strided view
+        return t[..., dy:dy + hood.rows, dx:dx + hood.cols, :] if t.dim() == 5 else t[:, dy:dy + hood.rows, dx:dx + hood.cols]
+
+    scores = torch.stack([(q_plane * shifted(k_pad, dy, dx)).sum(-1) for dy, dx in hood.offsets], -1)
+    seen = torch.stack([shifted(vis_pad, dy, dx) for dy, dx in hood.offsets], -1)  # (B | 1, rows, cols, W)
+
+    def read(weights: torch.Tensor) -> torch.Tensor:
+        w = weights.reshape(B, h, hood.rows, hood.cols, -1)
+        out = sum(w[..., i, None] * shifted(v_pad, dy, dx) for i, (dy, dx) in enumerate(hood.offsets))
+        return out.reshape(B, h, S, d)
+
+    return scores.reshape(B, h, S, -1), seen.reshape(seen.shape[0], 1, S, -1), read
 
 
 def sliding_window(
@@ -143,29 +160,30 @@ def sliding_window(
     if window < 0:
         raise ValueError(f"sliding_window: window (model.attention.window) must be >= 0; got {window}")
     _check_causal(layout, causal)
-    tab = _tables(layout, window, causal, q.device)
-    L, W = tab.neighbours.shape
-    G = tab.glob.numel()
-
-    q_local = q[:, :, tab.local]  # (B, h, L, d)
-    k_near, v_near = k[:, :, tab.neighbours], v[:, :, tab.neighbours]  # (B, h, L, W, d)
-    k_glob, v_glob = k[:, :, tab.glob], v[:, :, tab.glob]  # (B, h, G, d)
+    glob = _global_positions(layout, q.device)
+    k_glob, v_glob = k[:, :, glob], v[:, :, glob]  # (B, h, G, d)
+    keys = torch.ones(1, N, dtype=torch.bool, device=q.device) if key_mask is None else key_mask  # (B | 1, N)
+    glob_visible = keys[:, glob][:, None, None, :]  # (B | 1, 1, 1, G)
     scale = q.shape[-1] ** -0.5
-    near_scores = torch.einsum("bhld,bhlwd->bhlw", q_local, k_near) * scale  # (B, h, L, W)
-    glob_scores = (q_local @ k_glob.transpose(-2, -1)) * scale  # (B, h, L, G)
 
-    batch = 1 if key_mask is None else key_mask.shape[0]
-    near_visible = tab.valid.expand(batch, 1, L, W)  # (B | 1, 1, L, W)
-    glob_visible = torch.ones(batch, 1, L, G, dtype=torch.bool, device=q.device)
-    if key_mask is not None:
-        near_visible = near_visible & key_mask[:, tab.neighbours][:, None]
-        glob_visible = glob_visible & key_mask[:, tab.glob][:, None, None, :]
-    # one softmax over the local band and the global keys together: they share the normaliser
-    weights = masked_softmax(torch.cat([near_scores, glob_scores], -1), torch.cat([near_visible, glob_visible], -1))
-    out_local = torch.einsum("bhlw,bhlwd->bhld", weights[..., :W], v_near) + weights[..., W:] @ v_glob  # (B, h, L, d)
-
-    out_glob = eager(q[:, :, tab.glob], k, v, key_mask)  # (B, h, G, d): global queries see everything
-    return torch.cat([out_local, out_glob], 2)[:, :, tab.inverse]  # (B, h, N, d)
+    outs, start = [], 0
+    for kind, n in layout.segments:
+        size = n * n if kind == "grid" else n
+        part = slice(start, start + size)
+        start += size
+        if kind == "global":  # global queries see everything: O(G N)
+            outs.append(eager(q[:, :, part], k, v, key_mask))  # (B, h, n, d)
+            continue
+        q_part = q[:, :, part] * scale  # (B, h, S, d)
+        near, near_visible, read = _local(q_part, k[:, :, part], v[:, :, part], keys[:, part],
+                                          neighbourhood(kind, n, window, causal))  # (B, h, S, W)
+        glob_scores = q_part @ k_glob.transpose(-2, -1)  # (B, h, S, G)
+        # one softmax over the local band and the global keys together: they share the normaliser
+        W = near.shape[-1]
+        visible = torch.cat([near_visible, glob_visible.expand(-1, -1, size, -1)], -1)
+        weights = masked_softmax(torch.cat([near, glob_scores], -1), visible)  # (B, h, S, W + G)
+        outs.append(read(weights[..., :W]) + weights[..., W:] @ v_glob)  # (B, h, S, d)
+    return torch.cat(outs, 2)  # (B, h, N, d): segments are consecutive, so this is sequence order
 
 
 def sliding_window_mask(layout: TokenLayout, window: int, causal: bool = False) -> torch.Tensor:

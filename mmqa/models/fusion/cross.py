@@ -20,10 +20,10 @@ from mmqa.models.outputs import FusionOutput
 
 class CrossFusion(nn.Module):
     def __init__(self, dim: int, depth: int, heads: int, mlp_ratio: float, dropout: float, bidirectional: bool,
-                 attention: Callable | None = None):
+                 attention: Callable | None = None, qk_norm: bool = False):
         super().__init__()
         def block():
-            return Block(dim, heads, mlp_ratio, dropout, cross=True, attention=attention)
+            return Block(dim, heads, mlp_ratio, dropout, cross=True, attention=attention, qk_norm=qk_norm)
 
         self.text_blocks = nn.ModuleList(block() for _ in range(depth))
         self.image_blocks = (

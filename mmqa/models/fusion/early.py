@@ -20,13 +20,13 @@ from mmqa.models.outputs import FusionOutput
 
 class EarlyFusion(nn.Module):
     def __init__(self, dim: int, depth: int, heads: int, mlp_ratio: float, dropout: float,
-                 attention: Callable | None = None):
+                 attention: Callable | None = None, qk_norm: bool = False):
         super().__init__()
         self.fuse_token = nn.Parameter(torch.zeros(1, 1, dim))  # pooled output, like BERT's [CLS]
         self.modality = nn.Parameter(torch.zeros(2, dim))  # 0 = image, 1 = text
         nn.init.normal_(self.fuse_token, std=0.02)
         nn.init.normal_(self.modality, std=0.02)
-        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, dropout, cross=False, attention=attention) for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, dropout, cross=False, attention=attention, qk_norm=qk_norm) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
 
     def forward(
