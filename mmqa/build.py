@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 import mmqa.config_check  # noqa: F401 - registers conf/train.yaml's schema (train_schema) with Hydra
-from mmqa.data.datamodule import MMQADataModule
+from mmqa.data.datamodule import SPLITS, MMQADataModule
 from mmqa.data.tokenizer import load_tokenizer, train_tokenizer
 from mmqa.errors import ConfigError
 from mmqa.lit_module import LitMMQA
@@ -98,3 +98,20 @@ def build_experiment(cfg: DictConfig, assets: tuple | None = None) -> tuple[MMQA
             f"(model.decoder.max_length): use experiment=recipes, or raise model.decoder.max_length"
         )
     return dm, build_lit_module(cfg, model, dm)
+
+
+def data_for_bundle(data_cfg: DictConfig, bundle, split: str) -> MMQADataModule:
+    """A data module for `data_cfg` that reads `split` as `bundle` was trained to: its preprocessing
+    (image size, text lengths) and its vocabularies (tokenizers, answers, ingredients)."""
+    if split not in SPLITS:
+        raise ConfigError(f"split={split!r} is not a split; valid: {', '.join(SPLITS)}")
+    for key in ("image_size", "max_question_length", "max_caption_length", "max_recipe_length"):
+        if key in bundle.cfg.data:  # the bundle's preprocessing wins: the model was trained with it
+            data_cfg[key] = bundle.cfg.data[key]
+    dm = instantiate(data_cfg)
+    if not dm.load_records()[split]:
+        raise ConfigError(f"split={split!r}: the dataset has no {split} split")
+    dm.attach(bundle.text_tokenizer, bundle.decoder_tokenizer, bundle.answers, bundle.ingredients, [],
+              normalization=bundle.model.image_encoder.normalization)
+    return dm
+

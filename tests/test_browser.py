@@ -1,6 +1,6 @@
 """The demo as a person uses it: headless Chromium (Debian's `chromium`, driven by Playwright) opens the
 page served by the real `build_demo` + `launch`, picks an example image and its question, presses Ask
-and reads the answer off the page; a screenshot is kept in the test's tmp dir. Skips, saying why, where
+(and, in the Inspect tab, Show) and reads the answer and the map off the page; a screenshot is kept in the test's tmp dir. Skips, saying why, where
 /usr/bin/chromium is missing (`make test` installs it when it can: `apt-get install -y chromium`)."""
 
 from __future__ import annotations
@@ -59,3 +59,22 @@ def test_a_question_asked_in_the_browser_gets_the_bundles_answer(page, tmp_path)
     assert shown in bundle.answers
     assert shown == bundle.answer(image, question).answer
     assert (tmp_path / "ask.png").stat().st_size > 10_000  # a real picture of the page
+
+
+def test_the_inspect_tab_draws_the_chosen_map(page, tmp_path):
+    bundle, tab = page
+    image, question = builtin_examples(bundle.cfg)[0]
+    tab.get_by_role("tab", name="Inspect").click()
+    panel = tab.get_by_role("tabpanel")  # only the open tab's panel is on the page
+    panel.get_by_text(question, exact=True).click()  # this tab's first example
+    tab.wait_for_function("q => [...document.querySelectorAll(`textarea[placeholder='${q}']`)]"
+                          ".some(t => t.offsetParent !== null && t.value.length > 0)", arg="what colour is the circle?")
+    panel.locator("img").first.wait_for()  # the example's image is in the input box
+    before = panel.locator("img").count()
+    panel.get_by_role("button", name="Show", exact=True).click()
+    answer_box = panel.get_by_label("Answer", exact=True)
+    tab.wait_for_function("el => el.value.length > 0", arg=answer_box.element_handle())
+    tab.wait_for_function("n => document.querySelectorAll('[role=tabpanel] img').length > n", arg=before)  # the map
+    tab.screenshot(path=tmp_path / "inspect.png", full_page=True)
+    assert answer_box.input_value().startswith(bundle.answer(image, question).answer + " (p = ")
+    assert (tmp_path / "inspect.png").stat().st_size > 10_000

@@ -29,6 +29,7 @@ from mmqa.app import build_demo, launch
 from mmqa.app.inputs import MAX_SIDE, MAX_TEXT_CHARS
 from mmqa.app.serve import CONCURRENCY, QUEUE_SIZE
 from mmqa.app.ui import N_EXAMPLES, SEARCH_K, builtin_dataset, builtin_examples
+from mmqa.inspect.maps import explain
 from mmqa.bundle import Bundle
 from mmqa.errors import MMQAError
 from mmqa.image_index import INDEX_DIR, INDEX_JSON, ImageIndex, bundle_model_id
@@ -94,6 +95,19 @@ def test_answer_endpoint_gives_the_bundles_answer_and_a_heatmap(served):
     assert [c["label"] for c in top["confidences"]] == [a for a, _ in expected.top]
     assert Image.open(heatmap).size == Image.open(image).size  # cross fusion has patch attention
     assert note == ""
+
+
+def test_inspect_endpoint_shows_the_chosen_layer_and_head(served):
+    bundle, client, image, _ = served
+    ex = explain(bundle, Image.open(image), QUESTION)
+    site = next(iter(ex.question))  # the first fusion layer's question -> patch attention
+    answer, heatmap, note = client.predict(handle_file(image), QUESTION, site, "1", api_name="/inspect")
+    assert answer.startswith(ex.answer) and note == ""
+    assert Image.open(heatmap).size == Image.open(image).size
+    with pytest.raises(AppError, match=r"head '9': .* has heads 0 to \d+, or 'mean'"):
+        client.predict(handle_file(image), QUESTION, site, "9", api_name="/inspect")
+    with pytest.raises(AppError, match=r"no map 'fusion/nowhere' in this model; valid: fusion/text_blocks.0/cross"):
+        client.predict(handle_file(image), QUESTION, "fusion/nowhere", "mean", api_name="/inspect")
 
 
 def test_caption_endpoint_defaults_to_greedy_like_the_bundle(served):

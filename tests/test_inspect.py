@@ -13,10 +13,16 @@ from omegaconf import OmegaConf
 from test_demo import session_bundle, shapes_test_images, tiny_bundle
 
 from conftest import CONF, compose_cfg
+from mmqa.build import build_lit_module, data_for_bundle
 from mmqa.cli.inspect import inspect
 from mmqa.errors import ConfigError
 from mmqa.inspect.faithfulness import curves, patch_masks
+from mmqa.inspect.compare import check_comparable, compare, js_divergence
+from mmqa.inspect.heads import evaluate, head_counts, head_mask, importance, pruning_curve
+from mmqa.inspect.lens import fusion_layers, logit_lens
 from mmqa.inspect.maps import METHODS, InspectError, explain, modality_blocks, patch_relevance, rollout
+from mmqa.models.fusion.late import LateFusion
+from mmqa.models.layers import Attention
 
 QUESTION = "what colour is the circle?"
 
@@ -123,3 +129,71 @@ def test_inspect_cli_writes_a_report_and_every_weight(bundle, data_dir, tmp_path
     with pytest.raises(ConfigError, match="methods: unknown \\['saliency'\\]; valid: last_layer"):
         inspect(OmegaConf.merge(faith, {"methods": ["saliency"]}))
     assert (CONF / "inspect.yaml").is_file()
+
+
+# ---------------------------------------------------------------------------- heads and the logit lens
+
+
+def test_masking_a_head_removes_only_that_heads_contribution():
+    torch.manual_seed(0)
+    layer = Attention(16, 4).eval()
+    x = torch.randn(2, 5, 16)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    with torch.no_grad():
+        (site,) = head_counts(layer)  # a layer alone: the site has no stack or block
+        with head_mask(layer, {site: torch.tensor([1.0, 0.0, 1.0, 1.0])}):
+            masked, _ = layer(x, x, mask)
+        q = layer.q(x).view(2, 5, 4, 4).transpose(1, 2)
+        k, v = layer.kv(x).view(2, 5, 2, 4, 4).permute(2, 0, 3, 1, 4)
+        y = torch.softmax(q @ k.transpose(-2, -1) / 2, -1) @ v  # (B, h, T, d)
+        y[:, 1] = 0
+        expected = layer.out(y.transpose(1, 2).reshape(2, 5, 16))
+    torch.testing.assert_close(masked, expected, atol=1e-6, rtol=0)
+
+
+def test_head_importance_and_the_masking_curve(bundle, data_dir, tmp_path):
+    cfg = compose_cfg(data_dir, tmp_path, ["bundle=x", "n=20"], config_name="inspect")
+    dm = data_for_bundle(cfg.data, bundle, "test")
+    lit = build_lit_module(bundle.cfg, bundle.model, dm, split="test", train=False)
+    batches = [next(iter(dm.loader("test", train=False)))]
+    counts = head_counts(bundle.model)
+    assert {"image/blocks.0/self", "text/layer.0/self", "fusion/text_blocks.0/cross", "decoder/h.0/cross"} <= set(counts)
+    scores = importance(lit, batches)
+    assert all(v.shape == (counts[s],) and torch.isclose(v.norm(), torch.tensor(1.0)) for s, v in scores.items())
+    assert all(p.requires_grad for p in lit.parameters())  # given back as they were
+    curve = pruning_curve(lit, batches, scores, [0.0, 1.0])
+    none = evaluate(lit, batches, {})
+    for row in curve:
+        if row["fraction"] == 0.0:
+            assert row["vqa_acc"] == none["vqa_acc"] and row["caption_loss"] == pytest.approx(none["caption_loss"])
+    decoder_all = next(r for r in curve if r["stack"] == "decoder" and r["fraction"] == 1.0)
+    assert decoder_all["vqa_acc"] == none["vqa_acc"]  # the decoder does not answer questions
+    assert decoder_all["caption_loss"] > none["caption_loss"]  # but without its heads it captions worse
+
+
+def test_logit_lens_reads_the_last_layer_as_the_model_does(bundle, data_dir, tmp_path, tiny_cfg):
+    cfg = compose_cfg(data_dir, tmp_path, ["bundle=x"], config_name="inspect")
+    dm = data_for_bundle(cfg.data, bundle, "test")
+    lit = build_lit_module(bundle.cfg, bundle.model, dm, split="test", train=False)
+    batches = [next(iter(dm.loader("test", train=False)))]
+    rows = logit_lens(lit, batches)
+    assert [r["layer"] for r in rows] == list(range(len(bundle.model.fusion.text_blocks)))
+    assert rows[-1]["vqa_acc"] == evaluate(lit, batches, {})["vqa_acc"]
+    with pytest.raises(InspectError, match="LateFusion has no layers to read"):
+        fusion_layers(LateFusion(8, 2.0, 0.0))
+
+
+def test_compare_against_itself_shows_no_change_and_other_architectures_are_refused(bundle, data_dir, tmp_path):
+    cfg = compose_cfg(data_dir, tmp_path, ["bundle=x"], config_name="inspect")
+    dm = data_for_bundle(cfg.data, bundle, "test")
+    lit = build_lit_module(bundle.cfg, bundle.model, dm, split="test", train=False)
+    batches = [next(iter(dm.loader("test", train=False)))]
+    result = compare(lit, lit, batches, bundle.text_tokenizer)
+    assert {r["site"] for r in result["heads"]} == set(head_counts(bundle.model))
+    assert all(r["js"] == pytest.approx(0.0, abs=1e-9) and r["entropy_a"] == r["entropy_b"] for r in result["heads"])
+    assert result["cka"] and all(r["cka"] == pytest.approx(1.0, abs=1e-9) for r in result["cka"])
+    assert "colour" in {w["word"] for w in result["words"]} and all(w["gain"] == 0 for w in result["words"])
+    torch.testing.assert_close(js_divergence(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])), torch.tensor(1.0))
+    early = tiny_bundle(data_dir, tmp_path / "early", "model/fusion=early")
+    with pytest.raises(InspectError, match="differ in architecture"):
+        check_comparable(bundle, early)

@@ -6,8 +6,9 @@ bundle's contrastive towers or by a real open_clip model). Thin on purpose: each
 already checked (`mmqa.app.inputs`), calls Bundle / ImageIndex / Towers methods and turns the result
 into something to display; no model logic lives here.
 
-Every handler is an API endpoint too (`/answer`, `/caption`, `/search_text`, `/search_image`, and
-`/recipe` for a recipe bundle), so
+An Inspect tab shows any attention map of the model for the user's question (a layer and a head, or a
+rollout: `mmqa.inspect.maps`). Every handler is an API endpoint too (`/answer`, `/caption`, `/inspect`,
+`/search_text`, `/search_image`, and `/recipe` for a recipe bundle), so
 `gradio_client` gets the same answers as the page and as `Bundle` itself. The handlers that run a model
 share one concurrency group (`MODEL_GROUP`): the queue's concurrency limit (`mmqa.app.serve`, one by
 default) bounds model calls across all tabs together (`Bundle` also tokenizes under a lock, so a
@@ -29,12 +30,26 @@ from matplotlib import colormaps
 from omegaconf import DictConfig
 from PIL import Image
 
-from mmqa.app.inputs import MAX_PIXELS, MAX_TEXT_CHARS, check_image, check_text, image_input
+from mmqa.app.inputs import (
+    MAX_PIXELS,
+    MAX_TEXT_CHARS,
+    check_image,
+    check_text,
+    image_input,
+)
 from mmqa.bundle import Bundle
 from mmqa.data.readers.jsonl import JsonlReader
 from mmqa.data.records import ImageRecord
 from mmqa.errors import MMQAError
-from mmqa.image_index import INDEX_DIR, ImageIndex, Towers, bundle_towers, find_images, load_or_build
+from mmqa.image_index import (
+    INDEX_DIR,
+    ImageIndex,
+    Towers,
+    bundle_towers,
+    find_images,
+    load_or_build,
+)
+from mmqa.inspect.maps import explain, map_choices, pick_map
 from mmqa.text_generation import stream_text
 
 MODEL_GROUP = "model"  # the concurrency group of every handler that runs a model
@@ -113,6 +128,22 @@ def build_demo(bundle: Bundle, gallery: Path | None = None, index_dir: Path | No
         except MMQAError as e:
             raise gr.Error(str(e), print_exception=False) from None
 
+    probe = explain(bundle, Image.new("RGB", (bundle.cfg.data.image_size,) * 2), "what")  # the maps this model has
+    map_names = map_choices(probe)
+    max_heads = max([m.shape[0] for m in (*probe.vit.values(), *probe.question.values())], default=1)
+
+    def inspect(image: Image.Image | None, question: str | None, choice: str, head: str):
+        """(answer, the chosen map over the image, a note) for one layer and head, or a rollout."""
+        check_image(image)
+        question = check_text(question, "question", "type a question about the image")
+        try:
+            ex = explain(bundle, image, question)
+            heat = pick_map(ex, choice, head)
+        except MMQAError as e:
+            raise gr.Error(str(e), print_exception=False) from None
+        note = "" if ex.question else f"{fusion} has no question -> patch attention: only the ViT's maps."
+        return f"{ex.answer} (p = {ex.probability:.2f})", own_file(overlay_attention(image, heat)), note
+
     def search_text(query: str | None, k: float) -> list[tuple[str, str]]:
         query = check_text(query, "search text", "describe the images to find")
         return ranked(check_gallery(index).search_text(towers.embed_text([query])[0], int(k)))
@@ -182,6 +213,30 @@ def build_demo(bundle: Bundle, gallery: Path | None = None, index_dir: Path | No
                     write_recipe.click(
                         recipe, [describe_image, decoding, num_beams, temperature, top_k, top_p, recipe_max],
                         [ingredients_box, recipe_box], api_name="recipe", concurrency_id=MODEL_GROUP)
+
+            with gr.Tab("Inspect"):
+                gr.Markdown("Any attention map of the model, for your question: a fusion layer's question -> "
+                            "image attention (averaged over the question's words), a ViT layer's class-token "
+                            "attention, or a rollout. `python -m mmqa inspect` writes them all, and how faithful each is.")
+                with gr.Row():
+                    with gr.Column():
+                        inspect_image = image_box(label="Image")
+                        inspect_question = gr.Textbox(label="Question", placeholder="what colour is the circle?",
+                                                      max_length=MAX_TEXT_CHARS)
+                        choice = gr.Dropdown(map_names, value=map_names[0] if map_names else None, label="Map",
+                                             allow_custom_value=True)  # a wrong name gets pick_map's message
+                        head = gr.Dropdown(["mean", *map(str, range(max_heads))], value="mean", label="Head",
+                                           allow_custom_value=True)
+                        look = gr.Button("Show", variant="primary")
+                    with gr.Column():
+                        inspect_answer = gr.Textbox(label="Answer")
+                        inspect_map = gr.Image(type="pil", format="png", label="The map", height=IMAGE_HEIGHT,
+                                               elem_classes=["mmqa-image"])
+                        inspect_note = gr.Markdown()
+                look.click(inspect, [inspect_image, inspect_question, choice, head],
+                           [inspect_answer, inspect_map, inspect_note], api_name="inspect", concurrency_id=MODEL_GROUP)
+                if examples:
+                    gr.Examples(examples, [inspect_image, inspect_question], cache_examples=False)
 
             with gr.Tab("Search"):
                 gr.Markdown(gallery_note(index, towers))

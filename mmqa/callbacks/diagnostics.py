@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from mmqa.callbacks.alarms import KINDS, Alarm, Alarms, check_range
-from mmqa.inspect.capture import STACKS, AttentionCall, attention_modules, capture_attention, site_of
+from mmqa.inspect.capture import STACKS, AttentionCall, attention_modules, block_of, capture_attention, find_blocks, stack_of
 from mmqa.inspect.statistics import activation_stats, call_entropy, max_logit
 
 log = logging.getLogger(__name__)
@@ -40,31 +40,6 @@ log = logging.getLogger(__name__)
 # the second linear layer of a block's MLP in timm (mlp.fc2), mmqa's fusion (mlp.net.3), GPT-2 (mlp.c_proj)
 # and BERT (layer.<i>.output.dense, the FFN's; attention.output.dense is the attention's)
 FFN_OUT = re.compile(r"(^|\.)(mlp\.fc2|mlp\.net\.3|mlp\.c_proj|layer\.\d+\.output\.dense)\.")
-
-
-def stack_of(name: str) -> str:
-    """The stack of a parameter or module path of MMQAModel; everything else (heads, projections) is "heads"."""
-    return STACKS.get(name.split(".")[0], "heads")
-
-
-def block_of(name: str) -> str | None:
-    """"image_encoder.vit.blocks.2.mlp.fc2.weight" -> "image/blocks.2"; None outside the four stacks'
-    numbered modules."""
-    site = site_of(name, "x")
-    return None if "/-/" in site or stack_of(name) == "heads" else site.rsplit("/", 1)[0]
-
-
-def find_blocks(model: nn.Module, stacks: set[str]) -> list[tuple[str, nn.Module]]:
-    """The transformer blocks: children of a ModuleList / Sequential that hold a captured attention."""
-    attention = [n for n, _ in attention_modules(model)]
-    found = []
-    for name, container in model.named_modules():
-        if isinstance(container, (nn.ModuleList, nn.Sequential)) and stack_of(name) in stacks:
-            for i, child in enumerate(container):
-                path = f"{name}.{i}"
-                if any(a.startswith(path + ".") for a in attention):
-                    found.append((path, child))
-    return found
 
 
 class Diagnostics(L.Callback):

@@ -15,7 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
 from mmqa.atomic import write_json
-from mmqa.build import build_lit_module
+from mmqa.build import build_lit_module, data_for_bundle
 from mmqa.bundle import Bundle
 from mmqa.data.datamodule import SPLITS
 from mmqa.errors import ConfigError
@@ -24,19 +24,11 @@ CONF = Path(__file__).resolve().parents[2] / "conf"  # the project's config tree
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
-    if cfg.split not in SPLITS:
+    if cfg.split not in SPLITS:  # before loading the bundle
         raise ConfigError(f"split={cfg.split!r} is not a split; valid: {', '.join(SPLITS)}")
     bundle = Bundle.load(cfg.bundle)
-    # the bundle's preprocessing wins over the dataset config: the model was trained with it
-    for key in ("image_size", "max_question_length", "max_caption_length", "max_recipe_length"):
-        if key in bundle.cfg.data:
-            cfg.data[key] = bundle.cfg.data[key]
-    dm = instantiate(cfg.data)
+    dm = data_for_bundle(cfg.data, bundle, cfg.split)
     records = dm.load_records()[cfg.split]
-    if not records:
-        raise ConfigError(f"split={cfg.split!r}: the dataset has no {cfg.split} split")
-    dm.attach(bundle.text_tokenizer, bundle.decoder_tokenizer, bundle.answers, bundle.ingredients, [],
-              normalization=bundle.model.image_encoder.normalization)
     # the bundle's own settings, with this command's: every image captioned, recipe thresholds if given
     run_cfg = bundle.cfg.copy()
     with open_dict(run_cfg):

@@ -4,7 +4,11 @@ and a CSV of every number shown (mmqa/inspect/report.py).
 
 - task=example image=... question=...: every attention map of one question (mmqa/inspect/maps.py);
 - task=faithfulness data=... split=test n=300: deletion / insertion AUC of each map over n questions
-  of a split (mmqa/inspect/faithfulness.py).
+  of a split (mmqa/inspect/faithfulness.py);
+- task=heads: the importance of every head and the accuracy as each stack's heads are masked, least
+  important first (mmqa/inspect/heads.py);
+- task=lens: VQA accuracy per fusion layer and question family (mmqa/inspect/lens.py);
+- task=compare bundle_b=...: two checkpoints of one model on the same batches (mmqa/inspect/compare.py).
 """
 
 from __future__ import annotations
@@ -14,28 +18,35 @@ from itertools import islice
 from pathlib import Path
 
 import hydra
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from mmqa.build import build_lit_module, data_for_bundle
 from mmqa.bundle import Bundle
-from mmqa.data.datamodule import SPLITS
 from mmqa.data.images import load_image
 from mmqa.errors import ConfigError
-from mmqa.inspect import faithfulness, report
+from mmqa.inspect import compare, faithfulness, heads, lens, report
 from mmqa.inspect.maps import METHODS, explain
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
-TASKS = ("example", "faithfulness")
+TASKS = ("example", "faithfulness", "heads", "lens", "compare")
 
 
 def _questions(cfg: DictConfig, bundle: Bundle):
-    if cfg.split not in SPLITS:
-        raise ConfigError(f"split={cfg.split!r} is not a split; valid: {', '.join(SPLITS)}")
-    dm = instantiate(cfg.data)
-    records = dm.load_records()[cfg.split]
-    if not records:
-        raise ConfigError(f"split={cfg.split!r}: the dataset has no {cfg.split} split")
+    records = data_for_bundle(cfg.data, bundle, cfg.split).load_records()[cfg.split]
     return islice(((r.image, qa.question) for r in records for qa in r.questions), cfg.n)
+
+
+def _batches(cfg: DictConfig, bundle: Bundle):
+    """(LitMMQA around the bundle's model, the split's first batches holding at least n questions)."""
+    dm = data_for_bundle(cfg.data, bundle, cfg.split)
+    lit = build_lit_module(bundle.cfg, bundle.model, dm, split=cfg.split, train=False)
+    batches, seen = [], 0
+    for batch in dm.loader(cfg.split, train=False):
+        batches.append(batch)
+        seen += batch.num_questions
+        if seen >= cfg.n:
+            break
+    return lit, batches
 
 
 def inspect(cfg: DictConfig) -> list[Path]:
@@ -52,15 +63,35 @@ def inspect(cfg: DictConfig) -> list[Path]:
         image = load_image(cfg.image)
         files = report.example_files(explain(bundle, image, cfg.question), image.resize((bundle.cfg.data.image_size,) * 2),
                                      cfg.question)
+    elif cfg.task == "heads":
+        lit, batches = _batches(cfg, bundle)
+        scores = heads.importance(lit, batches)
+        curve = heads.pruning_curve(lit, batches, scores, list(cfg.fractions))
+        files = report.heads_files(scores, curve, _command())
+    elif cfg.task == "compare":
+        if not cfg.bundle_b:
+            raise ConfigError("task=compare needs bundle_b=<the second bundle>")
+        other = Bundle.load(cfg.bundle_b)
+        compare.check_comparable(bundle, other)
+        lit, batches = _batches(cfg, bundle)
+        lit_b = build_lit_module(other.cfg, other.model, data_for_bundle(cfg.data, other, cfg.split), split=cfg.split,
+                                 train=False)
+        files = report.compare_files(compare.compare(lit, lit_b, batches, bundle.text_tokenizer), _command())
+    elif cfg.task == "lens":
+        lit, batches = _batches(cfg, bundle)
+        files = report.lens_files(lens.logit_lens(lit, batches), _command())
     else:
         if cfg.steps < 1 or cfg.n < 1:
             raise ConfigError(f"task=faithfulness needs steps >= 1 and n >= 1; got steps={cfg.steps}, n={cfg.n}")
         rows, curves = faithfulness.evaluate(bundle, _questions(cfg, bundle), list(cfg.methods), cfg.steps, cfg.seed)
-        command = "python -m mmqa inspect " + " ".join(sys.argv[1:])
-        files = report.faithfulness_files(rows, faithfulness.summarise(rows), curves, command)
+        files = report.faithfulness_files(rows, faithfulness.summarise(rows), curves, _command())
     written = report.write(out, files)
     print(out / "report.md")
     return written
+
+
+def _command() -> str:
+    return "python -m mmqa inspect " + " ".join(sys.argv[1:])
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF), config_name="inspect")

@@ -76,6 +76,10 @@ class AttentionCall:
         return masked_softmax((self.q @ self.k.transpose(-2, -1)) * self.scale, self.visible)
 
 
+OnCall = Callable[[AttentionCall], None]
+OnOutput = Callable[[AttentionCall, torch.Tensor], torch.Tensor]  # (call, out (B, h, T, d)) -> out
+
+
 def site_of(name: str, kind: str) -> str:
     """"fusion.text_blocks.0.cross_attn" -> "fusion/text_blocks.0/cross": the stack, the numbered block
     the module sits in (its container and index), and self or cross."""
@@ -85,19 +89,47 @@ def site_of(name: str, kind: str) -> str:
     return f"{stack}/{layer}/{kind}"
 
 
+def stack_of(name: str) -> str:
+    """The stack of a parameter or module path of MMQAModel; everything else (heads, projections) is "heads"."""
+    return STACKS.get(name.split(".")[0], "heads")
+
+
+def block_of(name: str) -> str | None:
+    """"image_encoder.vit.blocks.2.mlp.fc2.weight" -> "image/blocks.2"; None outside the four stacks'
+    numbered modules."""
+    site = site_of(name, "x")
+    return None if "/-/" in site or stack_of(name) == "heads" else site.rsplit("/", 1)[0]
+
+
+def find_blocks(model: nn.Module, stacks: set[str]) -> list[tuple[str, nn.Module]]:
+    """The transformer blocks: children of a ModuleList / Sequential that hold a captured attention."""
+    attention = [n for n, _ in attention_modules(model)]
+    found = []
+    for name, container in model.named_modules():
+        if isinstance(container, (nn.ModuleList, nn.Sequential)) and stack_of(name) in stacks:
+            for i, child in enumerate(container):
+                path = f"{name}.{i}"
+                if any(a.startswith(path + ".") for a in attention):
+                    found.append((path, child))
+    return found
+
+
 # --------------------------------------------------------------------------- mmqa's own attention
 
 
-def _probe_mmqa(name: str, module: Attention | TimmAttention, record: Callable[[AttentionCall], None]) -> Callable:
+def _probe_mmqa(name: str, module: Attention | TimmAttention, record: OnCall | None, transform: OnOutput | None) -> Callable:
     original = module.attend
     kind = "cross" if name.endswith("cross_attn") else "self"
 
     @functools.wraps(original)  # sets __wrapped__: binding.unbound still sees the configured variant
     def probe(q, k, v, key_mask=None, causal=False, layout=None, **kwargs):
         visible = visibility(key_mask, causal, q.shape[2], k.shape[2], q.device)
-        record(AttentionCall(name, site_of(name, kind), q.detach(), k.detach(), visible, q.shape[-1] ** -0.5,
-                             fn=original, key_mask=key_mask, causal=causal, layout=layout))
-        return original(q, k, v, key_mask=key_mask, causal=causal, layout=layout, **kwargs)
+        call = AttentionCall(name, site_of(name, kind), q.detach(), k.detach(), visible, q.shape[-1] ** -0.5,
+                             fn=original, key_mask=key_mask, causal=causal, layout=layout)
+        if record is not None:
+            record(call)
+        out = original(q, k, v, key_mask=key_mask, causal=causal, layout=layout, **kwargs)  # (B, h, T, d)
+        return out if transform is None else transform(call, out)
 
     module.attend = probe
     return original
@@ -125,25 +157,31 @@ def _hf_visible(module: nn.Module, query: torch.Tensor, key: torch.Tensor, mask:
 
 
 def _capture_forward(module, query, key, value, attention_mask, **kwargs):
-    """Registered as `mmqa_capture`: record, then run the implementation the model was configured with."""
-    record, name, implementation = module._mmqa_capture
+    """Registered as `mmqa_capture`: record, run the implementation the model was configured with,
+    hand its output to the transform."""
+    record, transform, name, implementation = module._mmqa_capture
     visible = _hf_visible(module, query, key, attention_mask, kwargs.get("is_causal"))
     scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
     if visible is not None and visible.dim() == 2:
         visible = visible[None, None]
     kind = "cross" if getattr(module, "is_cross_attention", False) or "crossattention" in name else "self"
-    record(AttentionCall(name, site_of(name, kind), query.detach(), key.detach(), visible, scale))
+    call = AttentionCall(name, site_of(name, kind), query.detach(), key.detach(), visible, scale)
+    if record is not None:
+        record(call)
     eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
     run = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager)
-    return run(module, query, key, value, attention_mask, **kwargs)
+    out, weights = run(module, query, key, value, attention_mask, **kwargs)  # out (B, T, h, d)
+    if transform is not None:
+        out = transform(call, out.transpose(1, 2)).transpose(1, 2)
+    return out, weights
 
 
 AttentionInterface.register(CAPTURE, _capture_forward)
 
 
-def _probe_hf(name: str, module: nn.Module, record: Callable[[AttentionCall], None]) -> object:
+def _probe_hf(name: str, module: nn.Module, record: OnCall | None, transform: OnOutput | None) -> object:
     original = module.config
-    module._mmqa_capture = (record, name, original._attn_implementation)
+    module._mmqa_capture = (record, transform, name, original._attn_implementation)
     # a copy of the config for this module only: the model's masks are still built for its own implementation
     module.config = copy.copy(original)
     module.config._attn_implementation = CAPTURE
@@ -174,24 +212,33 @@ def uncovered(model: nn.Module) -> list[str]:
 
 
 @contextlib.contextmanager
-def capture_attention(
-    model: nn.Module, include: str | None = None, on_call: Callable[[AttentionCall], None] | None = None
-) -> Iterator[list[AttentionCall]]:
-    """Capture every covered attention of `model` (or those whose path matches `include`) while the
-    block runs. Calls are appended to the yielded list, or handed to `on_call` instead (to reduce them
-    on the fly and keep no tensors)."""
-    calls: list[AttentionCall] = []
-    record = on_call or calls.append
+def intercept_attention(model: nn.Module, include: str | None = None, on_call: OnCall | None = None,
+                        on_output: OnOutput | None = None) -> Iterator[None]:
+    """While the block runs, every covered attention of `model` (or those whose path matches `include`)
+    hands its call to `on_call`, and its output (B, h, T, d), before the heads are merged and projected,
+    to `on_output`, which may return another (a head mask: mmqa/inspect/heads.py)."""
     restore: list[tuple[nn.Module, str, object]] = []
     try:
         for name, module in attention_modules(model, include):
             if isinstance(module, (Attention, TimmAttention)):
-                restore.append((module, "attend", _probe_mmqa(name, module, record)))
+                restore.append((module, "attend", _probe_mmqa(name, module, on_call, on_output)))
             else:
-                restore.append((module, "config", _probe_hf(name, module, record)))
-        yield calls
+                restore.append((module, "config", _probe_hf(name, module, on_call, on_output)))
+        yield
     finally:
         for module, attribute, original in restore:
             setattr(module, attribute, original)
             if attribute == "config":
                 del module._mmqa_capture
+
+
+@contextlib.contextmanager
+def capture_attention(
+    model: nn.Module, include: str | None = None, on_call: OnCall | None = None
+) -> Iterator[list[AttentionCall]]:
+    """Capture every covered attention of `model` (or those whose path matches `include`) while the
+    block runs. Calls are appended to the yielded list, or handed to `on_call` instead (to reduce them
+    on the fly and keep no tensors)."""
+    calls: list[AttentionCall] = []
+    with intercept_attention(model, include, on_call=on_call or calls.append):
+        yield calls

@@ -130,3 +130,29 @@ def patch_relevance(ex: Explanation, method: str, generator: torch.Generator | N
         raise InspectError("question_rollout: this image encoder's attention is not captured (not a timm ViT)")
     # a fusion token reads patch j, which carries rollout[j, i] of patch i's input
     return (layers[-1].reshape(1, -1) @ ex.vit_rollout_matrix).reshape(ex.grid, ex.grid)
+
+
+ROLLOUTS = {"rollout (ViT)": "vit_rollout", "question through the ViT rollout": "question_rollout"}
+
+
+def map_choices(ex: Explanation) -> list[str]:
+    """The maps a user may pick for this model: each fusion layer's question -> patch attention, each
+    ViT layer's CLS -> patch attention, and the rollouts the model has."""
+    rollouts = [name for name, method in ROLLOUTS.items() if ex.rollout is not None and (ex.question or method == "vit_rollout")]
+    return [*ex.question, *ex.vit, *rollouts]
+
+
+def pick_map(ex: Explanation, choice: str, head: str = "mean") -> torch.Tensor:
+    """The (g, g) map of `choice` (one of `map_choices`) for `head` ("mean" or a head number); question
+    maps are averaged over the question's tokens."""
+    if choice in ROLLOUTS and choice in map_choices(ex):
+        return patch_relevance(ex, ROLLOUTS[choice])
+    maps = ex.question.get(choice)
+    maps = maps.mean(1) if maps is not None else ex.vit.get(choice)  # (h, g, g)
+    if maps is None:
+        raise InspectError(f"no map {choice!r} in this model; valid: {', '.join(map_choices(ex))}")
+    if head == "mean":
+        return maps.mean(0)
+    if not str(head).isdigit() or int(head) >= maps.shape[0]:
+        raise InspectError(f"head {head!r}: {choice} has heads 0 to {maps.shape[0] - 1}, or 'mean'")
+    return maps[int(head)]

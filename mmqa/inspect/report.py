@@ -5,7 +5,9 @@
   (the last fusion layer, one panel a token, mean over heads), `methods.png` (the relevance map of each
   faithfulness method), `maps.csv` (site, head, token, row, col, weight);
 - task=faithfulness: `faithfulness.csv` (one row per example and method), `summary.csv`, `curves.png`
-  (mean deletion and insertion curves per method).
+  (mean deletion and insertion curves per method);
+- task=heads: `importance.csv`, `masking.csv`, `masking.png`; task=lens: `lens.csv`, `lens.png`;
+- task=compare: `heads.csv` (JS divergence and entropies), `cka.csv`, `words.csv`, `js.png`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from PIL import Image
 from mmqa.atomic import write_atomic
 from mmqa.figures import new_figure
 from mmqa.inspect.maps import METHODS, Explanation, InspectError, patch_relevance
+
+VQA_POINT = 0.01  # "one point" of VQA accuracy
+CAPTION_POINT = 0.01  # and of the caption loss, in nats per token (about 1% perplexity)
 
 
 def _csv(rows: list[dict]) -> str:
@@ -126,6 +131,105 @@ def faithfulness_files(rows: list[dict], summary: list[dict], curves: dict[str, 
     lines += ["", "![curves](curves.png)", ""]
     files["report.md"] = "\n".join(lines)
     return files
+
+
+def heads_files(scores: dict[str, torch.Tensor], curve: list[dict], command: str) -> dict[str, bytes | str]:
+    """Head importance per site and the masking curve of each stack, with the heads that go at <= 1 point."""
+    rows = [{"site": site, "head": h, "importance": float(v)} for site, vec in scores.items() for h, v in enumerate(vec)]
+    files: dict[str, bytes | str] = {"importance.csv": _csv(rows), "masking.csv": _csv(curve)}
+    stacks = list(dict.fromkeys(r["stack"] for r in curve))
+    fig = new_figure(5.0 * len(stacks), 3.8)
+    for i, stack in enumerate(stacks):
+        ax = fig.add_subplot(1, len(stacks), i + 1)
+        pts = [r for r in curve if r["stack"] == stack]
+        ax.plot([r["fraction"] for r in pts], [r["vqa_acc"] for r in pts], marker="o", label="VQA accuracy")
+        ax.set_xlabel("share of heads masked, least important first")
+        ax.set_title(stack)
+        ax.set_ylim(0, 1)
+        if stack == "decoder" or any(r["caption_loss"] for r in pts):
+            twin = ax.twinx()
+            twin.plot([r["fraction"] for r in pts], [r["caption_loss"] for r in pts], color="C1", marker="s")
+            twin.set_ylabel("caption loss (orange)")
+        ax.set_ylabel("VQA accuracy")
+    files["masking.png"] = _png(fig)
+    lines = ["# Inspect: which heads matter", "", f"`{command}`", "",
+             "Importance = E|dL/dξ| of a mask ξ on each head's output (Michel et al. 2019), L = VQA + caption "
+             "loss, normalised per site. Each stack's heads are then masked least important first. A point on "
+             f"the curve costs <= 1 point when VQA accuracy drops by at most {VQA_POINT} and (for every stack, "
+             f"since the image tower also serves the decoder) the caption loss rises by at most {CAPTION_POINT} "
+             "nats per token.", "",
+             "| stack | heads | VQA, none masked | most masked at <= 1 point | VQA there | caption loss: none -> there |",
+             "|---|---|---|---|---|---|"]
+    best = {}
+    for stack in stacks:
+        pts = [r for r in curve if r["stack"] == stack]
+        base = pts[0]
+        ok = [r for r in pts if r["vqa_acc"] >= base["vqa_acc"] - VQA_POINT
+              and r["caption_loss"] <= base["caption_loss"] + CAPTION_POINT]
+        best[stack] = max(ok, key=lambda r: r["heads_masked"])
+        b = best[stack]
+        lines.append(f"| {stack} | {base['heads']} | {base['vqa_acc']:.3f} | {b['heads_masked']} ({b['fraction']:.0%}) "
+                     f"| {b['vqa_acc']:.3f} | {base['caption_loss']:.3f} -> {b['caption_loss']:.3f} |")
+    lines += ["", "The heads that go at <= 1 point (per stack, the largest such set on the curve):", ""]
+    lines += [f"- {stack}: {b['masked'] or 'none'}" for stack, b in best.items()]
+    lines += ["", "![masking](masking.png)", "", "Every importance is in `importance.csv`, every point in `masking.csv`."]
+    files["report.md"] = "\n".join(lines) + "\n"
+    return files
+
+
+def lens_files(rows: list[dict], command: str) -> dict[str, bytes | str]:
+    """VQA accuracy when the head reads each fusion layer, overall and per family."""
+    keys = [k for k in rows[0] if k.startswith("vqa_acc")]
+    fig = new_figure(6.0, 4.0)
+    ax = fig.add_subplot()
+    for k in keys:
+        ax.plot([r["layer"] for r in rows], [r[k] for r in rows], marker="o", label=k.removeprefix("vqa_acc/") or "overall",
+                linewidth=2.5 if k == "vqa_acc" else 1.2)
+    ax.set_xlabel("fusion layer read by the VQA head")
+    ax.set_ylabel("VQA accuracy")
+    ax.set_xticks([r["layer"] for r in rows])
+    ax.legend(fontsize="small")
+    names = ["overall" if k == "vqa_acc" else k.removeprefix("vqa_acc/") for k in keys]
+    lines = ["# Inspect: logit lens", "", f"`{command}`", "",
+             "The VQA head reads the fusion's output after each layer (its final norm and pooling applied).", "",
+             "| layer | " + " | ".join(names) + " |", "|---" * (len(keys) + 1) + "|"]
+    lines += ["| " + " | ".join([str(r["layer"])] + [f"{r[k]:.3f}" for k in keys]) + " |" for r in rows]
+    lines += ["", "![lens](lens.png)"]
+    return {"lens.csv": _csv(rows), "lens.png": _png(fig), "report.md": "\n".join(lines) + "\n"}
+
+
+def compare_files(result: dict, command: str, top: int = 10) -> dict[str, bytes | str]:
+    """Two checkpoints side by side: JS divergence and entropy per site and head, CKA per block, words."""
+    heads, cka, words = result["heads"], result["cka"], result["words"]
+    sites = list(dict.fromkeys(r["site"] for r in heads))
+    width = max(r["head"] for r in heads) + 1
+    grid = np.full((len(sites), width), np.nan)
+    for r in heads:
+        grid[sites.index(r["site"]), r["head"]] = r["js"]
+    fig = new_figure(2.0 + 0.6 * width, 1.0 + 0.3 * len(sites))
+    ax = fig.add_subplot()
+    image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0)
+    ax.set_yticks(range(len(sites)), sites, fontsize=7)
+    ax.set_xticks(range(width))
+    ax.set_xlabel("head")
+    ax.set_title("Jensen-Shannon divergence of attention, A vs B")
+    fig.colorbar(image, ax=ax)
+    lines = ["# Inspect: two checkpoints compared", "", f"`{command}`", "",
+             "| site | mean JS divergence (bits) | entropy A | entropy B | change |", "|---|---|---|---|---|"]
+    for site in sites:
+        rs = [r for r in heads if r["site"] == site]
+        mean = {k: float(np.mean([r[k] for r in rs])) for k in ("js", "entropy_a", "entropy_b")}
+        lines.append(f"| {site} | {mean['js']:.4f} | {mean['entropy_a']:.3f} | {mean['entropy_b']:.3f} | "
+                     f"{mean['entropy_b'] - mean['entropy_a']:+.3f} |")
+    lines += ["", "| block | linear CKA |", "|---|---|"] + [f"| {r['block']} | {r['cka']:.4f} |" for r in cka]
+    frequent = [w for w in words if w["count"] >= 5]
+    lines += ["", "Words that gained the most attention in the text encoder (seen >= 5 times; attention each "
+              "receives, mean over layers, heads and queries):", "", "| word | seen | A | B | gain |", "|---|---|---|---|---|"]
+    lines += [f"| {w['word']} | {w['count']} | {w['attention_a']:.4f} | {w['attention_b']:.4f} | {w['gain']:+.4f} |"
+              for w in frequent[:top] + frequent[-top:][::-1]]
+    lines += ["", "![js](js.png)", "", "Every number is in `heads.csv`, `cka.csv` and `words.csv`."]
+    return {"heads.csv": _csv(heads), "cka.csv": _csv(cka), "words.csv": _csv(words), "js.png": _png(fig),
+            "report.md": "\n".join(lines) + "\n"}
 
 
 def write(folder: Path, files: dict[str, bytes | str]) -> list[Path]:

@@ -56,3 +56,8 @@ class CrossFusion(nn.Module):
             t = t_new
         t = self.norm(t)
         return FusionOutput(pooled=masked_mean(t, txt_mask), tokens=t, attention=weights)  # weights (B, h, T, N)
+
+    def readout(self, t: torch.Tensor, txt_mask: torch.Tensor) -> torch.Tensor:
+        """The pooled output (Q, D) from question tokens (Q, T, D) after any layer: the logit lens reads
+        intermediate layers the way the last one is read."""
+        return masked_mean(self.norm(t), txt_mask)

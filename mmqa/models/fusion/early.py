@@ -53,3 +53,7 @@ class EarlyFusion(nn.Module):
         x = self.norm(x)
         attention = weights[:, :, 1 + N :, 1 : 1 + N] if weights is not None else None  # (B, h, T, N)
         return FusionOutput(pooled=x[:, 0], tokens=x[:, 1 + N :], attention=attention)
+
+    def readout(self, x: torch.Tensor, txt_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The pooled output (B, D) from the joint sequence (B, 1+N+T, D) after any layer (the logit lens)."""
+        return self.norm(x)[:, 0]
