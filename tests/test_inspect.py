@@ -20,7 +20,7 @@ from mmqa.inspect.faithfulness import curves, patch_masks
 from mmqa.inspect.compare import check_comparable, compare, js_divergence
 from mmqa.inspect.heads import evaluate, head_counts, head_mask, importance, pruning_curve
 from mmqa.inspect.lens import fusion_layers, logit_lens
-from mmqa.inspect.maps import METHODS, InspectError, explain, modality_blocks, patch_relevance, rollout
+from mmqa.inspect.maps import METHODS, InspectError, caption_maps, explain, modality_blocks, patch_relevance, rollout
 from mmqa.models.fusion.late import LateFusion
 from mmqa.models.layers import Attention
 
@@ -79,6 +79,16 @@ def test_bad_requests_name_what_is_valid(bundle, data_dir):
         explain(bundle, shapes_test_images(data_dir)[0], long)
 
 
+def test_caption_maps_give_each_word_a_map_over_the_patches(bundle, data_dir):
+    image = shapes_test_images(data_dir)[0]
+    words = caption_maps(bundle, image)
+    caption = bundle.caption(image, num_beams=1, do_sample=False)
+    assert words and bundle.decoder_tokenizer.convert_tokens_to_string([w for w, _ in words]).strip() == caption.strip()
+    g = bundle.model.grid
+    for _, m in words:
+        assert m.shape == (g, g) and m.sum().item() == pytest.approx(1.0, abs=1e-5)
+
+
 def test_patch_masks_take_the_first_patches_of_the_order():
     order = torch.tensor([3, 0, 2, 1])
     masks = patch_masks(order, steps=2)  # 0, 2, 4 patches
@@ -111,8 +121,9 @@ def test_inspect_cli_writes_a_report_and_every_weight(bundle, data_dir, tmp_path
                                                    f"image={shapes_test_images(data_dir)[0]}", f"question='{QUESTION}'"],
                       config_name="inspect")
     written = {p.name for p in inspect(cfg)}
-    assert {"report.md", "maps.csv", "vit_heads.png", "question_heads.png", "question_tokens.png", "methods.png"} <= written
-    rows = list(csv.DictReader((tmp_path / "ex" / "maps.csv").open()))
+    assert {"report.md", "maps.csv", "vit_heads.png", "question_heads.png", "question_tokens.png", "methods.png",
+            "caption_words.png"} <= written
+    rows = [r for r in csv.DictReader((tmp_path / "ex" / "maps.csv").open()) if r["site"] != "decoder/cross (caption)"]
     g = bundle.model.grid
     vit_heads = sum(b.attn.num_heads for b in bundle.model.image_encoder.vit.blocks)
     tokens = len(explain(bundle, shapes_test_images(data_dir)[0], QUESTION).tokens)

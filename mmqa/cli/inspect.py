@@ -2,7 +2,8 @@
 (conf/inspect.yaml). One report folder per call (outputs/inspect/runs/<date_time>): report.md, PNGs
 and a CSV of every number shown (mmqa/inspect/report.py).
 
-- task=example image=... question=...: every attention map of one question (mmqa/inspect/maps.py);
+- task=example image=... question=...: every attention map of one question, and the caption's
+  cross-attention word by word (mmqa/inspect/maps.py);
 - task=faithfulness data=... split=test n=300: deletion / insertion AUC of each map over n questions
   of a split (mmqa/inspect/faithfulness.py);
 - task=heads: the importance of every head and the accuracy as each stack's heads are masked, least
@@ -25,7 +26,7 @@ from mmqa.bundle import Bundle
 from mmqa.data.images import load_image
 from mmqa.errors import ConfigError
 from mmqa.inspect import compare, faithfulness, heads, lens, report
-from mmqa.inspect.maps import METHODS, explain
+from mmqa.inspect.maps import METHODS, caption_maps, explain
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 TASKS = ("example", "faithfulness", "heads", "lens", "compare")
@@ -62,7 +63,7 @@ def inspect(cfg: DictConfig) -> list[Path]:
             raise ConfigError("task=example needs image=<file> and question=\"...\"")
         image = load_image(cfg.image)
         files = report.example_files(explain(bundle, image, cfg.question), image.resize((bundle.cfg.data.image_size,) * 2),
-                                     cfg.question)
+                                     cfg.question, caption_maps(bundle, image))
     elif cfg.task == "heads":
         lit, batches = _batches(cfg, bundle)
         scores = heads.importance(lit, batches)

@@ -156,3 +156,25 @@ def pick_map(ex: Explanation, choice: str, head: str = "mean") -> torch.Tensor:
     if not str(head).isdigit() or int(head) >= maps.shape[0]:
         raise InspectError(f"head {head!r}: {choice} has heads 0 to {maps.shape[0] - 1}, or 'mean'")
     return maps[int(head)]
+
+
+@torch.no_grad()
+def caption_maps(bundle, image, max_new_tokens: int | None = None) -> list[tuple[str, torch.Tensor]]:
+    """The caption of `image`, greedy, word by word: (token, (g, g) the decoder's cross-attention over
+    the patches while predicting it, mean over heads and layers). `max_new_tokens` defaults to the
+    bundle's own generation setting."""
+    max_new_tokens = max_new_tokens or bundle.cfg.generation.max_new_tokens
+    model = bundle.model
+    img = model.encode_images(bundle._images([image]))
+    tok = bundle.decoder_tokenizer
+    prompt = torch.full((1, 1), tok.bos_token_id, dtype=torch.long, device=bundle.device)
+    with capture_attention(model.decoder, include=r"crossattention") as calls:
+        ids = model.generate(img, prompt, max_new_tokens=max_new_tokens, num_beams=1, do_sample=False)[0, 1:]
+    if not calls:
+        raise InspectError("this decoder has no cross-attention to capture")
+    layers = len({c.site for c in calls})
+    g = model.grid
+    # one call per layer and decoding step; the step predicting token i reads the image with its last query
+    steps = [torch.stack([c.weights()[0, :, -1] for c in calls[i:i + layers]]).mean((0, 1)) for i in range(0, len(calls), layers)]
+    words = tok.convert_ids_to_tokens(ids.tolist())
+    return [(w, m[-g * g:].reshape(g, g)) for w, m in zip(words, steps) if w not in tok.all_special_tokens]

@@ -3,7 +3,8 @@
 - task=example: `vit_heads.png` (CLS -> patch attention, ViT layer x head), `question_heads.png`
   (question -> patch attention, fusion layer x head, mean over the question's tokens), `question_tokens.png`
   (the last fusion layer, one panel a token, mean over heads), `methods.png` (the relevance map of each
-  faithfulness method), `maps.csv` (site, head, token, row, col, weight);
+  faithfulness method), `caption_words.png` (the greedy caption, each word with the decoder's
+  cross-attention while writing it), `maps.csv` (site, head, token, row, col, weight);
 - task=faithfulness: `faithfulness.csv` (one row per example and method), `summary.csv`, `curves.png`
   (mean deletion and insertion curves per method);
 - task=heads: `importance.csv`, `masking.csv`, `masking.png`; task=lens: `lens.csv`, `lens.png`;
@@ -58,8 +59,10 @@ def _grid_figure(image: np.ndarray, panels: list[list[tuple[str, torch.Tensor]]]
     return _png(fig)
 
 
-def example_files(ex: Explanation, image: Image.Image, question: str) -> dict[str, bytes | str]:
-    """{file name: content} for one explained example."""
+def example_files(ex: Explanation, image: Image.Image, question: str,
+                  words: list[tuple[str, torch.Tensor]] = ()) -> dict[str, bytes | str]:
+    """{file name: content} for one explained example; `words`: the caption's words with the decoder's
+    cross-attention map of each (`maps.caption_maps`)."""
     pixels = np.asarray(image.convert("RGB"))
     files: dict[str, bytes | str] = {}
     rows = []
@@ -73,6 +76,12 @@ def example_files(ex: Explanation, image: Image.Image, question: str) -> dict[st
                 m = maps[h, t]
                 rows += [{"site": site, "head": h, "token": token, "row": i, "col": j, "weight": float(m[i, j])}
                          for i in range(ex.grid) for j in range(ex.grid)]
+    for i, (word, m) in enumerate(words):
+        rows += [{"site": "decoder/cross (caption)", "head": "mean", "token": f"{i}:{word}", "row": r, "col": c,
+                  "weight": float(m[r, c])} for r in range(ex.grid) for c in range(ex.grid)]
+    if words:
+        per_row = 8
+        files["caption_words.png"] = _grid_figure(pixels, [list(words[i:i + per_row]) for i in range(0, len(words), per_row)])
     files["maps.csv"] = _csv(rows)
     if ex.vit:
         files["vit_heads.png"] = _grid_figure(pixels, [[(f"{s.split('/')[1]} h{h}", m) for h, m in enumerate(maps)]
@@ -92,12 +101,15 @@ def example_files(ex: Explanation, image: Image.Image, question: str) -> dict[st
     files["methods.png"] = _grid_figure(pixels, [methods])
     lines = ["# Inspect: one example", "", f"Question: `{question}` (tokens: {' '.join(ex.tokens)})", "",
              f"Answer: **{ex.answer}** (p = {ex.probability:.3f})", ""]
+    if words:
+        lines += [f"Caption: {' '.join(w for w, _ in words)}", ""]
     if not ex.question:
         lines += ["No question -> patch attention in this model (late fusion pools each modality before fusing).", ""]
     for name, title in (("vit_heads.png", "ViT: CLS -> patch attention, layer x head"),
                         ("question_heads.png", "Fusion: question -> patch attention, layer x head (mean over tokens)"),
                         ("question_tokens.png", "Last fusion layer: each question token's attention (mean over heads)"),
-                        ("methods.png", "The relevance map of each method (faithfulness: task=faithfulness)")):
+                        ("methods.png", "The relevance map of each method (faithfulness: task=faithfulness)"),
+                        ("caption_words.png", "The caption, word by word: the decoder's cross-attention (mean over heads and layers)")):
         if name in files:
             lines += [f"## {title}", "", f"![{title}]({name})", ""]
     lines += ["Every weight drawn is in `maps.csv`."]
