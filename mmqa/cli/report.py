@@ -27,7 +27,6 @@ import yaml
 from scipy import stats
 
 from mmqa.atomic import write_atomic
-from mmqa.cli import report_diagnostics
 from mmqa.errors import MMQAError
 from mmqa.figures import new_figure
 
@@ -321,6 +320,8 @@ def render_markdown(rep: Report) -> str:
             "![validation accuracy](val_curves.png)"]
     if no_curve:
         out += ["", f"Runs without `{CURVES_CSV.as_posix()}` (not in the curves): " + ", ".join(no_curve)]
+    from mmqa.cli import report_diagnostics  # imported here: it reads curves with this module's read_curve
+
     if report_diagnostics.has_diagnostics(rep.groups):
         out += report_diagnostics.render(rep.groups)
     return "\n".join(out) + "\n"
@@ -400,6 +401,8 @@ def write_report(rep: Report, out_dir: Path) -> list[Path]:
     outputs = [out_dir / n for n in ("report.md", "report.csv", "per_family.png", "val_curves.png")]
     # render everything before writing anything: a run that cannot be read leaves the old report whole
     contents = [render_markdown(rep), render_csv(rep)]
+    from mmqa.cli import report_diagnostics
+
     plots = [plot_per_family, plot_val_curves]
     if report_diagnostics.has_diagnostics(rep.groups):
         outputs.append(out_dir / "diagnostics.png")

@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 
 from mmqa.callbacks.diagnostics_plots import HEAD
+from mmqa.cli.report import CURVES_CSV, read_curve
 from mmqa.figures import new_figure
 
 DIAG_CSV = Path("diagnostics") / "diagnostics.csv"
 ALARMS_CSV = Path("diagnostics") / "alarms.csv"
-METRICS_CSV = Path("csv") / "version_0" / "metrics.csv"
 BREAK_MARGIN = 0.05  # val/vqa_acc this far below the reference's counts as damage
 
 
@@ -55,13 +55,12 @@ def _rows(path: Path) -> list[dict]:
 
 
 def val_curve(run) -> dict[int, float]:
-    path = run.path / METRICS_CSV
-    return {int(float(r["step"])): float(r["val/vqa_acc"]) for r in _rows(path) if r.get("val/vqa_acc")} \
-        if path.is_file() else {}
+    """{step: val/vqa_acc} of the run's validations (the report's own curve reader), {} without a log."""
+    return dict(zip(*read_curve(run))) if (run.path / CURVES_CSV).is_file() else {}
 
 
 def last_step(run) -> int | None:
-    path = run.path / METRICS_CSV
+    path = run.path / CURVES_CSV
     steps = [int(float(r["step"])) for r in _rows(path) if r.get("step")] if path.is_file() else []
     return max(steps, default=None)
 
@@ -97,16 +96,16 @@ def diagnose(groups) -> tuple[object, list[Diagnosis]]:
         for run in g.runs:
             alarms = _rows(run.path / ALARMS_CSV) if (run.path / ALARMS_CSV).is_file() else []
             first = min(((int(a["step"]), a["kind"], a["where"]) for a in alarms), default=None)
-            breaks = []
-            if run.metrics is None and last_step(run) is not None:
-                breaks.append((last_step(run), "stopped (no metrics.json)"))
+            breaks, last = [], last_step(run)
+            if run.metrics is None and last is not None:
+                breaks.append((last, "stopped (no metrics.json)"))
             for step, acc in sorted(val_curve(run).items()):
                 ref = [c[step] for c in ref_curves if step in c]
                 if ref and acc < np.mean(ref) - BREAK_MARGIN:
                     breaks.append((step, f"val/vqa_acc {acc:.3f} < reference {np.mean(ref):.3f} - {BREAK_MARGIN}"))
                     break
             step, why = min(breaks) if breaks else (None, "healthy")
-            if run.metrics is None and last_step(run) is None:
+            if run.metrics is None and last is None:
                 why = "no training logged"
             out.append(Diagnosis(run.name, g.id, first, len(alarms), step, why))
     return reference, out

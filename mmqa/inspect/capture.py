@@ -89,6 +89,13 @@ def site_of(name: str, kind: str) -> str:
     return f"{stack}/{layer}/{kind}"
 
 
+def attention_site(name: str, module: nn.Module) -> str:
+    """The site of an attention module at path `name`: cross when it reads another sequence (mmqa's
+    `cross_attn`, GPT-2's cross-attention), else self."""
+    cross = name.endswith("cross_attn") or getattr(module, "is_cross_attention", False) or "crossattention" in name
+    return site_of(name, "cross" if cross else "self")
+
+
 def stack_of(name: str) -> str:
     """The stack of a parameter or module path of MMQAModel; everything else (heads, projections) is "heads"."""
     return STACKS.get(name.split(".")[0], "heads")
@@ -119,12 +126,12 @@ def find_blocks(model: nn.Module, stacks: set[str]) -> list[tuple[str, nn.Module
 
 def _probe_mmqa(name: str, module: Attention | TimmAttention, record: OnCall | None, transform: OnOutput | None) -> Callable:
     original = module.attend
-    kind = "cross" if name.endswith("cross_attn") else "self"
+    site = attention_site(name, module)
 
     @functools.wraps(original)  # sets __wrapped__: binding.unbound still sees the configured variant
     def probe(q, k, v, key_mask=None, causal=False, layout=None, **kwargs):
         visible = visibility(key_mask, causal, q.shape[2], k.shape[2], q.device)
-        call = AttentionCall(name, site_of(name, kind), q.detach(), k.detach(), visible, q.shape[-1] ** -0.5,
+        call = AttentionCall(name, site, q.detach(), k.detach(), visible, q.shape[-1] ** -0.5,
                              fn=original, key_mask=key_mask, causal=causal, layout=layout)
         if record is not None:
             record(call)
@@ -164,8 +171,7 @@ def _capture_forward(module, query, key, value, attention_mask, **kwargs):
     scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
     if visible is not None and visible.dim() == 2:
         visible = visible[None, None]
-    kind = "cross" if getattr(module, "is_cross_attention", False) or "crossattention" in name else "self"
-    call = AttentionCall(name, site_of(name, kind), query.detach(), key.detach(), visible, scale)
+    call = AttentionCall(name, attention_site(name, module), query.detach(), key.detach(), visible, scale)
     if record is not None:
         record(call)
     eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)

@@ -71,14 +71,10 @@ def evaluate(bundle, examples, methods: list[str], steps: int, seed: int = 0):
     rows, sums = [], {}
     for image, question in examples:
         ex = explain(bundle, image, question)
-        pixels = bundle._images([image])
-        with bundle._tokenizer_lock:
-            enc = bundle.text_tokenizer([question], return_tensors="pt").to(bundle.device)  # explain() checked its length
-        encoded = bundle.model.encode_text(enc["input_ids"], enc["attention_mask"])
         answer = bundle.answers.index(ex.answer)
         for method in methods:
             relevance = patch_relevance(ex, method, generator).flatten()  # (N,)
-            c = curves(bundle, pixels, encoded, answer, relevance.argsort(descending=True), steps)
+            c = curves(bundle, ex.pixels, ex.encoded, answer, relevance.argsort(descending=True), steps)
             rows.append({"image": str(image), "question": question, "answer": ex.answer, "method": method,
                          "p_answer": ex.probability, "deletion_auc": c.deletion_auc,
                          "insertion_auc": c.insertion_auc})

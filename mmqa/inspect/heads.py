@@ -17,23 +17,14 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
-from mmqa.inspect.capture import attention_modules, intercept_attention, site_of
+from mmqa.inspect.capture import attention_modules, attention_site, intercept_attention
 from mmqa.metrics.vqa import VQAAccuracy
-from mmqa.models.layers import Attention
-from mmqa.models.vit_attention import TimmAttention
 
 
 def head_counts(model: nn.Module) -> dict[str, int]:
     """{site: number of heads} of every captured attention, in module order."""
-    out = {}
-    for name, m in attention_modules(model):
-        if isinstance(m, (Attention, TimmAttention)):
-            kind, heads = ("cross" if name.endswith("cross_attn") else "self"), getattr(m, "heads", None) or m.num_heads
-        else:
-            kind = "cross" if getattr(m, "is_cross_attention", False) or "crossattention" in name else "self"
-            heads = getattr(m, "num_heads", None) or m.num_attention_heads
-        out[site_of(name, kind)] = heads
-    return out
+    return {attention_site(name, m): next(getattr(m, a) for a in ("heads", "num_heads", "num_attention_heads") if hasattr(m, a))
+            for name, m in attention_modules(model)}
 
 
 @contextlib.contextmanager

@@ -24,6 +24,7 @@ import torch
 
 from mmqa.errors import MMQAError
 from mmqa.inspect.capture import AttentionCall, capture_attention
+from mmqa.models.outputs import EncoderOutput
 
 METHODS = ("last_layer", "mean_layers", "vit_rollout", "question_rollout", "random")
 
@@ -42,6 +43,8 @@ class Explanation:
     question: dict[str, torch.Tensor] = field(default_factory=dict)  # site -> (h, T, g, g) question token -> patch
     rollout: torch.Tensor | None = None  # (g, g), CLS -> patches through every ViT layer
     vit_rollout_matrix: torch.Tensor | None = None  # (N, N) patch -> patch part of the rollout, rows summing to 1
+    pixels: torch.Tensor | None = None  # (1, 3, S, S) the image as the model read it
+    encoded: EncoderOutput | None = None  # the question as the text encoder encoded it (one row)
 
 
 def modality_blocks(weights: torch.Tensor, n_patches: int) -> dict[str, torch.Tensor]:
@@ -105,6 +108,7 @@ def explain(bundle, image, question: str) -> Explanation:
     probs = logits[0].sigmoid()
     ex.answer, ex.probability = bundle.answers[int(probs.argmax())], float(probs.max())
     ex.tokens = bundle.text_tokenizer.convert_ids_to_tokens(enc["input_ids"][0].tolist())
+    ex.pixels, ex.encoded = pixels, q  # what faithfulness perturbs and re-reads
     return ex
 
 
