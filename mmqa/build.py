@@ -25,7 +25,8 @@ def build_tokenizers(model_cfg: DictConfig, tokenizer_cfg: DictConfig, texts: It
     def fitted():
         nonlocal trained
         if trained is None:
-            trained = train_tokenizer(texts, tokenizer_cfg.vocab_size, tokenizer_cfg.min_frequency)
+            trained = train_tokenizer(texts, tokenizer_cfg.vocab_size, tokenizer_cfg.min_frequency,
+                                      tokenizer_cfg.spelling_variants)
         return trained
 
     # a `tokenizer` key (open_clip text towers) names the tokenizer apart from the weights
@@ -98,6 +99,13 @@ def build_experiment(cfg: DictConfig, assets: tuple | None = None) -> tuple[MMQA
             f"(model.decoder.max_length): use experiment=recipes, or raise model.decoder.max_length"
         )
     return dm, build_lit_module(cfg, model, dm)
+
+
+def test_split(trainer, lit: LitMMQA, dm: MMQADataModule, split: str, **test_kwargs) -> dict[str, float]:
+    """Lightning's test loop on `split`, its metrics named after it ("test_paraphrase/vqa_acc"):
+    the loop itself logs every split under "test/". `test_kwargs` go to `trainer.test` (ckpt_path)."""
+    (result,) = trainer.test(lit, dataloaders=dm.loader(split, train=False), verbose=False, **test_kwargs)
+    return {f"{split}/{k.split('/', 1)[1]}": float(v) for k, v in result.items()}
 
 
 def data_for_bundle(data_cfg: DictConfig, bundle, split: str) -> MMQADataModule:

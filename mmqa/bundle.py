@@ -22,7 +22,7 @@ from mmqa.atomic import atomic_dir
 from mmqa.build import build_model
 from mmqa.data.images import ImageTransform, load_image, to_rgb
 from mmqa.data.recipe_text import parse_recipe
-from mmqa.data.tokenizer import load_tokenizer
+from mmqa.data.tokenizer import load_tokenizer, unknown_words
 from mmqa.errors import MMQAError
 from mmqa.models.mmqa_model import MMQAModel
 from mmqa.recipe_generation import RecipeSettings, predict_ingredients, write_recipes
@@ -100,6 +100,7 @@ class Answer:
     answer: str
     top: list[tuple[str, float]]  # the top-k answers with their probabilities
     attention: torch.Tensor | None  # (grid, grid) question -> patch attention, averaged over heads and tokens
+    unknown: list[str]  # words of the question the text tokenizer does not know (mmqa.data.tokenizer.unknown_words)
 
 
 @dataclass
@@ -168,7 +169,8 @@ class Bundle:
 
     @torch.no_grad()
     def answer(self, image, question: str, top_k: int = 5, return_attention: bool = False) -> Answer:
-        """Answer one question about one image (a path or a PIL image)."""
+        """Answer one question about one image (a path or a PIL image); `unknown` lists the question's
+        words this model has no token for, whose meaning it cannot know."""
         img = self.model.encode_images(self._images([image]))
         q = self._text([question], self.cfg.data.max_question_length)
         idx = torch.zeros(1, dtype=torch.long, device=self.device)
@@ -180,7 +182,9 @@ class Bundle:
         if fused.attention is not None:
             g = self.model.grid
             attn = fused.attention[0].mean(dim=(0, 1)).reshape(g, g).cpu()  # (h, T, N) -> (g, g)
-        return Answer(answer=top[0][0], top=top, attention=attn)
+        with self._tokenizer_lock:  # tokenizing resets the tokenizer's truncation state
+            unknown = unknown_words(self.text_tokenizer, question)
+        return Answer(answer=top[0][0], top=top, attention=attn, unknown=unknown)
 
     @torch.no_grad()
     def caption(self, image, **generate_kwargs) -> str:

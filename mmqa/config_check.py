@@ -51,6 +51,7 @@ class Loss:
 class Tokenizer:
     vocab_size: int = MISSING
     min_frequency: int = MISSING
+    spelling_variants: bool = MISSING
 
 
 @dataclass

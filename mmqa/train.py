@@ -18,7 +18,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from mmqa.atomic import write_json
-from mmqa.build import build_experiment
+from mmqa.build import build_experiment, test_split
 from mmqa.bundle import Bundle, read_assets, write_assets
 from mmqa.checkpointing import AtomicCheckpointIO, RNGState, SaveOnSigterm
 from mmqa.config_check import check_config
@@ -125,6 +125,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         trainer.test(lit, datamodule=dm, ckpt_path=ckpt, weights_only=True) if dm.records["test"] else []
     ):
         metrics.update(result)
+    if dm.records["test_paraphrase"]:  # the same test questions in wordings training never saw
+        metrics.update(test_split(trainer, lit, dm, "test_paraphrase", ckpt_path=ckpt, weights_only=True))
     n_train = len(dm.records["train"])
     metrics.update(
         {

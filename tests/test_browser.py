@@ -59,6 +59,13 @@ def test_a_question_asked_in_the_browser_gets_the_bundles_answer(page, tmp_path)
     assert shown in bundle.answers
     assert shown == bundle.answer(image, question).answer
     assert (tmp_path / "ask.png").stat().st_size > 10_000  # a real picture of the page
+    new_words = tab.get_by_label("These words are new to this model", exact=True)
+    assert new_words.input_value() == ""
+
+    question_box.fill(question + " please")  # a word no training question has
+    tab.get_by_role("button", name="Ask", exact=True).click()
+    tab.wait_for_function("el => el.value.length > 0", arg=new_words.element_handle())
+    assert new_words.input_value() == "please"
 
 
 def test_the_inspect_tab_draws_the_chosen_map(page, tmp_path):

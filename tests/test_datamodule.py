@@ -1,19 +1,23 @@
 """The data module on a user's JSONL dataset: a held-out validation slice when val.jsonl is missing,
-the answer vocabulary from the training split (top-K of normalised answers), and batches whose
-families drive per-family metrics."""
+the answer vocabulary from the training split (top-K of normalised answers), batches whose families
+drive per-family metrics, the optional test_paraphrase split, the fitted tokenizer (spelling variants,
+unknown words) and the noise on training questions."""
 
 from __future__ import annotations
 
 import json
+import random
+from collections import Counter
 
 import pytest
 from conftest import NORMALIZATION
 from PIL import Image
 
+from mmqa.data.augment import QuestionNoise
 from mmqa.data.datamodule import MMQADataModule, build_answer_vocab
 from mmqa.data.readers.jsonl import JsonlReader
-from mmqa.data.tokenizer import train_tokenizer
-from mmqa.errors import DataError
+from mmqa.data.tokenizer import load_tokenizer, spelling_rewrites, train_tokenizer, unknown_words
+from mmqa.errors import ConfigError, DataError
 
 
 def make_dataset(root, n_images=10, with_val=False):
@@ -96,3 +100,61 @@ def test_tokenizer_fit_is_deterministic_words_first_by_frequency():
     assert a.tokenize("the reds") == ["the", "red", "##s"]  # unseen words are spelt from known pieces
     capped = train_tokenizer(texts, len(vocab) - 2, 1)
     assert "cross" not in capped.get_vocab() and "square" not in capped.get_vocab()
+
+
+def test_the_other_spelling_of_a_known_word_reads_as_the_known_one_and_survives_a_save(tmp_path):
+    tok = train_tokenizer(["what colour is the gray circle?"], 100, 1)
+    # "colour" and "gray" are what the text has: "color" and "grey" are read as them
+    assert tok.tokenize("What COLOR is the grey circle?") == tok.tokenize("what colour is the gray circle?")
+    tok.save_pretrained(tmp_path)
+    assert load_tokenizer(tmp_path).tokenize("what color") == ["what", "colour"]
+    assert train_tokenizer(["what colour"], 100, 1, spelling_variants=False).tokenize("color")[0] == "c"
+    both = train_tokenizer(["colour", "color"], 100, 1)  # the text spells it both ways: left alone
+    assert both.tokenize("color colour") == ["color", "colour"]
+    assert spelling_rewrites(Counter(["colour", "gray", "circle"])) == [("color", "colour"), ("grey", "gray")]
+
+
+def test_unknown_words_are_the_ones_a_fitted_tokenizer_never_saw():
+    tok = train_tokenizer(["what colour is the circle?", "how many circles?"], 100, 1)
+    assert unknown_words(tok, "What colour is the circle?") == []
+    assert unknown_words(tok, "tell me, tell me: what color is the circle!") == ["tell", "me"]  # once each
+    assert unknown_words(tok, "how many circle-ish things?") == ["ish", "things"]
+
+
+def test_question_noise_makes_up_words_and_inserts_them_from_the_rng_alone():
+    noise = QuestionNoise(replace=0.5, insert=0.5)
+    question = "what colour is the red circle ?"
+    a, b = noise(question, random.Random(3)), noise(question, random.Random(3))
+    assert a == b  # the rng decides everything: a resumed run draws the same words
+    outs = [noise(question, random.Random(s)).split() for s in range(200)]
+    assert all(len(o) in (7, 8) for o in outs)
+    kept = sum(w in question.split() for o in outs for w in o) / sum(len(o) for o in outs)
+    assert 0.4 < kept < 0.55  # half the words replaced, and an insert now and then
+    assert QuestionNoise()(question, random.Random(0)) == question and not QuestionNoise().active
+    rotated = [QuestionNoise(rotate=0.99)("is the circle small or large", random.Random(s)) for s in range(50)]
+    assert all(sorted(r.split()) == sorted("is the circle small or large".split()) for r in rotated)
+    assert "small or large is the circle" in rotated and "is the circle small or large" not in rotated
+    with pytest.raises(ConfigError, match=r"data.question_noise.replace must be in \[0, 1\), got 1.5"):
+        QuestionNoise(replace=1.5)
+
+
+def test_only_training_batches_get_question_noise(tmp_path):
+    dm = datamodule(make_dataset(tmp_path / "d"), question_noise=QuestionNoise(replace=0.9))
+    tok = train_tokenizer(dm.train_texts(), 100, 1)
+    dm.attach(tok, tok, dm.answer_vocab(), [], [], NORMALIZATION)
+    random.seed(0)
+    train_q = next(iter(dm.loader("train", train=True))).q_input_ids
+    eval_q = next(iter(dm.loader("train", train=False))).q_input_ids
+    known = {tok.convert_tokens_to_ids(w) for w in ("how", "many", "what", "colour")}
+    whole = [sum(i in known for i in q.flatten().tolist()) for q in (train_q, eval_q)]
+    assert whole[1] == 2 * len(eval_q) and whole[0] < whole[1] / 3  # 9 in 10 words made up in training
+
+
+def test_a_test_paraphrase_file_is_read_as_its_own_split(tmp_path):
+    root = make_dataset(tmp_path / "d", with_val=True)
+    (root / "test.jsonl").write_text((root / "val.jsonl").read_text())
+    line = json.loads((root / "val.jsonl").read_text())
+    (root / "test_paraphrase.jsonl").write_text(json.dumps({**line, "question": "number?"}))
+    records = datamodule(root).load_records()
+    assert [qa.question for r in records["test_paraphrase"] for qa in r.questions] == ["number?"]
+    assert datamodule(make_dataset(tmp_path / "e")).load_records()["test_paraphrase"] == []  # optional

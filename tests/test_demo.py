@@ -89,12 +89,23 @@ def served(tmp_path_factory, data_dir):
 
 def test_answer_endpoint_gives_the_bundles_answer_and_a_heatmap(served):
     bundle, client, image, _ = served
-    answer, top, heatmap, note = client.predict(handle_file(image), QUESTION, api_name="/answer")
+    answer, unknown, top, heatmap, note = client.predict(handle_file(image), QUESTION, api_name="/answer")
     expected = bundle.answer(image, QUESTION)
     assert answer == expected.answer and answer in bundle.answers
+    assert unknown == "" and expected.unknown == []  # every word of the question was in training
     assert [c["label"] for c in top["confidences"]] == [a for a, _ in expected.top]
     assert Image.open(heatmap).size == Image.open(image).size  # cross fusion has patch attention
     assert note == ""
+
+
+def test_words_the_model_never_saw_are_named_by_the_endpoint_and_the_bundle(served):
+    bundle, client, image, _ = served
+    question = "please tell me what colour the circle is"  # "please", "tell", "me": never in the shapes world
+    answer, unknown, top, _, _ = client.predict(handle_file(image), question, api_name="/answer")
+    expected = bundle.answer(image, question)
+    assert expected.unknown == ["please", "tell", "me"]
+    assert unknown == "please, tell, me"
+    assert answer == expected.answer and len(top["confidences"]) == 5  # still answered, with its top 5
 
 
 def test_inspect_endpoint_shows_the_chosen_layer_and_head(served):
@@ -140,7 +151,7 @@ def test_an_error_while_streaming_reaches_the_caller_instead_of_hanging(served):
 def test_a_fusion_without_attention_shows_the_image_and_says_why(data_dir, tmp_path):
     late = tiny_bundle(data_dir, tmp_path / "late", "model/fusion=late")
     image = sorted((data_dir / "shapes").glob("shapes-*/images/test_*.png"))[0]
-    answer, _, shown, note = build_demo(late)(str(image), QUESTION, api_name="answer")  # called without a server
+    answer, _, _, shown, note = build_demo(late)(str(image), QUESTION, api_name="answer")  # called without a server
     assert answer == late.answer(image, QUESTION).answer
     assert Image.open(shown).size == Image.open(image).size
     assert "LateFusion has no patch attention" in note
@@ -194,7 +205,7 @@ def photo_formats(src: Path, folder: Path) -> dict[str, Path]:
 def test_every_image_format_a_person_sends_is_answered_like_the_bundle(served, tmp_path):
     bundle, client, image, _ = served
     for name, path in photo_formats(image, tmp_path).items():
-        answer, top, heatmap, _ = client.predict(handle_file(path), QUESTION, api_name="/answer")
+        answer, _, top, heatmap, _ = client.predict(handle_file(path), QUESTION, api_name="/answer")
         expected = bundle.answer(path, QUESTION)  # Bundle reads the file itself: same conversion
         assert answer == expected.answer, name
         assert [c["confidence"] for c in top["confidences"]] == pytest.approx([p for _, p in expected.top], abs=1e-4)
@@ -208,7 +219,7 @@ def test_a_very_large_photo_is_accepted_and_scaled_down(served, tmp_path):
     pixels = np.stack([np.broadcast_to(ramp, (4000, 6000)), np.broadcast_to(ramp[:4000, None], (4000, 6000)),
                        np.full((4000, 6000), 128, np.float32)], axis=-1).astype(np.uint8)  # (H, W, 3)
     Image.fromarray(pixels).save(tmp_path / "big.jpg", quality=80)
-    answer, _, heatmap, _ = client.predict(handle_file(tmp_path / "big.jpg"), QUESTION, api_name="/answer")
+    answer, _, _, heatmap, _ = client.predict(handle_file(tmp_path / "big.jpg"), QUESTION, api_name="/answer")
     assert answer in bundle.answers
     assert Image.open(heatmap).size == (MAX_SIDE, round(MAX_SIDE * 4000 / 6000))  # aspect ratio kept
 

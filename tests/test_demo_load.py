@@ -43,7 +43,7 @@ def test_fifty_concurrent_clients_each_get_the_answer_to_their_own_question(serv
         client = client_of(url, tmp_path / f"client{i}")
         try:
             start.wait()  # every client connected: the questions arrive together
-            answer, top, _, _ = client.predict(handle_file(image), question, api_name="/answer")
+            answer, _, top, _, _ = client.predict(handle_file(image), question, api_name="/answer")
             return answer, [(c["label"], c["confidence"]) for c in top["confidences"]]
         finally:
             client.close()

@@ -21,6 +21,7 @@ from mmqa.data.readers.jsonl import JsonlReader
 from mmqa.data.recipe_text import format_recipe, ingredient_names, parse_recipe, singularise
 from mmqa.data.worlds.cache import cached_dataset
 from mmqa.data.worlds.dish_recipes import KIND_RECIPES, write_recipe
+from mmqa.data.worlds import dishes
 from mmqa.data.worlds.dishes import INGREDIENTS, KINDS, generate_dishes
 from mmqa.errors import ConfigError, DataError
 
@@ -309,3 +310,15 @@ def test_the_dishes_reader_generates_then_reads_the_jsonl(tmp_path):
     assert reader.dataset_dir.parent == tmp_path and len(records) == TINY["n_train"]
     assert all(r.recipe and r.ingredients and len(r.questions) == 3 for r in records)
     assert {q.family for r in records for q in r.questions} == {"dish", "ingredient"}
+
+
+def test_paraphrase_split_asks_the_test_questions_again_in_held_out_wordings(small):
+    test, para = read_lines(small / "test.jsonl"), read_lines(small / "test_paraphrase.jsonl")
+    assert [(p["image"], p["answers"], p["question_type"]) for p in para] == \
+        [(t["image"], t["answers"], t["question_type"]) for t in test]
+    seen = {row["question"] for split in ("train", "val", "test") for row in read_lines(small / f"{split}.jsonl")
+            if "question" in row}
+    assert not seen & {p["question"] for p in para}
+    assert not set(dishes.PARAPHRASES["dish"]) & set(dishes.DISH_QUESTIONS)
+    assert not set(dishes.PARAPHRASES["ingredient"]) & set(dishes.INGREDIENT_QUESTIONS)
+    assert json.loads((small / "meta.json").read_text())["splits"]["test_paraphrase"]["questions"] == len(para)

@@ -14,7 +14,7 @@ from test_retrieval import save_tiny_clip
 from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
 
 from mmqa.build import build_model, build_tokenizers
-from mmqa.data.tokenizer import load_tokenizer, train_tokenizer
+from mmqa.data.tokenizer import load_tokenizer, train_tokenizer, unknown_words
 from mmqa.errors import ConfigError
 from mmqa.models.decoder import GPT2Decoder
 from mmqa.models.image_encoders import TimmImageEncoder
@@ -87,6 +87,9 @@ def test_real_minilm_text_encoder_works_offline(data_dir, tmp_path):
     text_tok, dec_tok = build_tokenizers(cfg.model, cfg.tokenizer, texts)
     assert text_tok.name_or_path.endswith("model") and len(text_tok) == 30522  # MiniLM's own WordPiece vocab
     assert len(dec_tok) < 100  # the decoder still uses a tokenizer fitted to the data
+    # a pretrained WordPiece knows "color" and "tell": only what becomes its [UNK] is unknown to it
+    assert unknown_words(text_tok, "tell me what color the circle is") == []
+    assert unknown_words(text_tok, "what is ᚠ?") == ["ᚠ"]
     model = build_model(cfg.model, 4, text_tok, dec_tok).eval()
     n = sum(p.numel() for p in model.text_encoder.parameters())
     assert 22_000_000 < n < 23_000_000

@@ -54,9 +54,9 @@ def fits(desc: Desc, o: ShapeObject) -> bool:
     return all(want is None or want == got for want, got in said)
 
 
-def match_template(kind: str, question: str) -> dict[str, str] | None:
+def match_template(kind: str, question: str, templates: dict = shapes.TEMPLATES) -> dict[str, str] | None:
     # Longest first: "is there {a_desc}?" would also swallow "is there ... in the image?".
-    for template in sorted(shapes.TEMPLATES[kind], key=len, reverse=True):
+    for template in sorted(templates[kind], key=len, reverse=True):
         pattern = re.escape(template).replace(r"\{", "{").replace(r"\}", "}")
         pattern = re.sub(r"{(\w+)}", r"(?P<\1>.+)", pattern)
         m = re.fullmatch(pattern, question)
@@ -71,7 +71,8 @@ def match_template(kind: str, question: str) -> dict[str, str] | None:
 def test_same_parameters_give_identical_bytes_and_another_seed_differs(tmp_path, small):
     again = generate_shapes(tmp_path / "a", **SMALL)
     assert again.name == small.name
-    for name in ("train.jsonl", "val.jsonl", "test.jsonl", "meta.json", "scenes.jsonl", "images/val_000003.png"):
+    for name in ("train.jsonl", "val.jsonl", "test.jsonl", "test_paraphrase.jsonl", "meta.json", "scenes.jsonl",
+                 "images/val_000003.png"):
         assert (again / name).read_bytes() == (small / name).read_bytes(), name
     other = generate_shapes(tmp_path / "b", **{**SMALL, "seed": 1})
     assert other.name != small.name
@@ -283,9 +284,37 @@ def test_no_background_pixel_comes_near_an_object_colour():
 
 def test_generated_dataset_reads_back_through_the_jsonl_reader(small):
     meta = json.loads((small / "meta.json").read_text())
-    for split in ("train", "val", "test"):
+    for split in ("train", "val", "test", "test_paraphrase"):
         records = JsonlReader(small).read(split)
         assert len(records) == meta["splits"][split]["images"]
         assert sum(len(r.questions) for r in records) == meta["splits"][split]["questions"]
         assert sum(len(r.captions) for r in records) == meta["splits"][split]["captions"]
         assert {q.family for r in records for q in r.questions} == set(meta["families"])
+
+
+# ------------------------------------------------------------------------------- test_paraphrase
+
+
+def test_paraphrase_split_asks_the_test_questions_again_in_wordings_training_never_uses(small):
+    test, para = read_lines(small / "test.jsonl"), read_lines(small / "test_paraphrase.jsonl")
+    assert len(para) == len(test)
+    for t, p in zip(test, para):  # the same image, answer and family, question by question
+        assert (p["image"], p["answers"], p["question_type"]) == (t["image"], t["answers"], t["question_type"])
+        assert "captions" not in p
+    seen = {row["question"] for split in ("train", "val", "test") for row in read_lines(small / f"{split}.jsonl")
+            if "question" in row}
+    assert not seen & {p["question"] for p in para}
+    kinds = list(shapes.TEMPLATES)
+    for p in para:  # each in a held-out template (none of which is a training one: the test below)
+        assert any(match_template(k, p["question"], shapes.PARAPHRASES) for k in kinds), p["question"]
+    templates = set(shapes.PARAPHRASES["colour_of"]) | set(shapes.PARAPHRASES["count"])
+    assert any("color" in t for t in templates) and any(t.startswith("count") for t in templates)
+    meta = json.loads((small / "meta.json").read_text())["splits"]
+    assert meta["test_paraphrase"]["questions"] == len(para) and meta["test_paraphrase"]["images"] == 12
+
+
+def test_no_training_template_is_a_paraphrase_template():
+    assert set(shapes.PARAPHRASES) == set(shapes.TEMPLATES)
+    for kind, held_out in shapes.PARAPHRASES.items():
+        assert not set(held_out) & {t for ts in shapes.TEMPLATES.values() for t in ts}, kind
+        assert len(set(held_out)) == len(held_out) >= 3

@@ -20,7 +20,7 @@ from mmqa.errors import ConfigError
 from mmqa.train import train
 
 VARIANTS = sorted(p.stem for p in (ROOT / "conf" / "model" / "fusion").glob("*.yaml"))
-STABLE_KEYS = ["test/vqa_acc", "test/bleu4", "test/cider", "test/r1_t2i", "test/r1_i2t", "val/vqa_acc",
+STABLE_KEYS = ["test/vqa_acc", "test_paraphrase/vqa_acc", "test/bleu4", "test/cider", "test/r1_t2i", "test/r1_i2t", "val/vqa_acc",
                "train/images_per_second", "train/step_seconds", "model/parameters", "model/gflops_per_image"]
 
 

@@ -1,5 +1,5 @@
-"""The Gradio UI around one `Bundle`: an Ask tab (answer, top-5 answers, attention heatmap), a
-Describe tab (a caption written word by word, with a choice of decoding; for a bundle trained on
+"""The Gradio UI around one `Bundle`: an Ask tab (answer, the question's words new to the model, top-5
+answers, attention heatmap), a Describe tab (a caption written word by word, with a choice of decoding; for a bundle trained on
 recipes, the predicted ingredients with their probabilities and the recipe) and a Search tab (text ->
 images and image -> images over a gallery, through `mmqa.image_index.ImageIndex`, embedded by the
 bundle's contrastive towers or by a real open_clip model). Thin on purpose: each handler gets input
@@ -92,10 +92,11 @@ def build_demo(bundle: Bundle, gallery: Path | None = None, index_dir: Path | No
             result = bundle.answer(image, question, top_k=TOP_K, return_attention=True)
         except MMQAError as e:
             raise gr.Error(str(e), print_exception=False) from None
+        unknown = ", ".join(result.unknown)
         if result.attention is None:
-            return (result.answer, dict(result.top), own_file(image),
+            return (result.answer, unknown, dict(result.top), own_file(image),
                     f"{fusion} has no patch attention: no heatmap to show.")
-        return result.answer, dict(result.top), own_file(overlay_attention(image, result.attention)), ""
+        return result.answer, unknown, dict(result.top), own_file(overlay_attention(image, result.attention)), ""
 
     def caption(image: Image.Image | None, decoding: str, num_beams: int, temperature: float, top_k: int,
                 top_p: float, max_new_tokens: int):
@@ -166,13 +167,15 @@ def build_demo(bundle: Bundle, gallery: Path | None = None, index_dir: Path | No
                         ask = gr.Button("Ask", variant="primary")
                     with gr.Column():
                         answer_box = gr.Textbox(label="Answer")
+                        # a word the tokenizer does not know: the answer may be to another question
+                        unknown_box = gr.Textbox(label="These words are new to this model", placeholder="none")
                         top = gr.Label(num_top_classes=TOP_K, label=f"Top {TOP_K} answers")
                         heatmap = gr.Image(type="pil", format="png", label="Where the question looked",
                                            height=IMAGE_HEIGHT, elem_classes=["mmqa-image"])
                         note = gr.Markdown(label="Note")
                 if examples:
                     gr.Examples(examples, [ask_image, question], cache_examples=False)
-                outputs = [answer_box, top, heatmap, note]
+                outputs = [answer_box, unknown_box, top, heatmap, note]
                 ask.click(answer, [ask_image, question], outputs, api_name="answer", concurrency_id=MODEL_GROUP)
                 question.submit(answer, [ask_image, question], outputs, api_visibility="private",
                                 concurrency_id=MODEL_GROUP)

@@ -3,8 +3,10 @@
 
 Answers every question of a JSONL dataset split (the layout of data/README.md; the built-in worlds
 are written in it) with `Bundle.answer` and prints the official VQA accuracy (`vqa_score`) grouped
-by question family and by the question's first `--words` words (which phrasings fail), then, for
-one family, which answer was given for which expected one (the confusion)."""
+by question family and by the question's first `--words` words (which phrasings fail), the words of
+the questions that the model's tokenizer does not know (on `--split test_paraphrase`: which reworded
+questions it cannot read), then, for one family, which answer was given for which expected one (the
+confusion)."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from collections.abc import Callable, Iterable
 from mmqa.data.images import load_image
 from mmqa.data.readers.jsonl import JsonlReader
 from mmqa.data.records import ImageRecord
+from mmqa.data.tokenizer import unknown_words
 from mmqa.metrics.vqa import normalize_answer, vqa_score
 
 
@@ -45,10 +48,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m mmqa breakdown", description=__doc__.split("\n\n")[0])
     parser.add_argument("bundle", help="a bundle directory written by train.py (<run>/bundle)")
     parser.add_argument("dataset", help="a JSONL dataset directory (e.g. data/shapes/shapes-<key>)")
-    parser.add_argument("--split", default="test", help="train, val or test (default test)")
+    parser.add_argument("--split", default="test", help="train, val, test or test_paraphrase (default test)")
     parser.add_argument("--words", type=int, default=3, help="group phrasings by this many first words")
     parser.add_argument("--confusion", default=None, help="a question family whose answers to tabulate")
     parser.add_argument("--min-count", type=int, default=20, help="hide phrasing groups with fewer questions")
+    parser.add_argument("--new-words", type=int, default=15, help="list this many of the most frequent unknown words")
     args = parser.parse_args(argv)
 
     from mmqa.bundle import Bundle
@@ -62,6 +66,10 @@ def main(argv: list[str] | None = None) -> None:
     for name, (acc, n) in groups.items():
         if ":" not in name or n >= args.min_count:
             print(f"{name:<48} {acc:>8.3f} {n:>9}")
+    new = Counter(w for r in records for qa in r.questions for w in unknown_words(bundle.text_tokenizer, qa.question))
+    n_questions = sum(len(r.questions) for r in records)
+    print(f"words new to the model: {', '.join(f'{w} {n}' for w, n in new.most_common(args.new_words)) or 'none'} "
+          f"(in {n_questions} questions)")
     for expected, given in confused.items():
         total = sum(given.values())
         shown = ", ".join(f"{a} {c}" for a, c in given.most_common())

@@ -15,7 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
 from mmqa.atomic import write_json
-from mmqa.build import build_lit_module, data_for_bundle
+from mmqa.build import build_lit_module, data_for_bundle, test_split
 from mmqa.bundle import Bundle
 from mmqa.data.datamodule import SPLITS
 from mmqa.errors import ConfigError
@@ -37,10 +37,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
                           **{k: v for k, v in (cfg.get("recipe") or {}).items() if v is not None}}
     lit = build_lit_module(run_cfg, bundle.model, dm, split=cfg.split, train=False)
     trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
-    # Lightning's test loop, fed the requested split, logs under "test/"; rename to the split asked for
-    loader = dm.loader(cfg.split, train=False)
-    (result,) = trainer.test(lit, dataloaders=loader, verbose=False)
-    metrics = {f"{cfg.split}/{k.split('/', 1)[1]}": float(v) for k, v in result.items()}
+    metrics = test_split(trainer, lit, dm, cfg.split)
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "metrics.json", metrics)

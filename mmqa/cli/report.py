@@ -33,6 +33,7 @@ from mmqa.figures import new_figure
 SEED_KEY = "seed"  # the override that names a repetition, not a configuration
 ACC = "test/vqa_acc"
 FAMILY_PREFIX = f"{ACC}/"  # test/vqa_acc/<family>
+PARAPHRASE_ACC = "test_paraphrase/vqa_acc"  # the test questions reworded (the built-in worlds' test_paraphrase)
 OTHER_METRICS = (
     "test/bleu4",
     "test/cider",
@@ -236,8 +237,8 @@ def build_report(dirs: list[Path], alpha: float) -> Report:
     groups = group_runs(runs)
     present = {k for r in runs if r.metrics for k in r.metrics}
     families = sorted(k for k in present if k.startswith(FAMILY_PREFIX))
-    metrics = [ACC, *families, *OTHER_METRICS]
-    tested = [m for m in (ACC, *families) if m in present]
+    metrics = [ACC, *families, *([PARAPHRASE_ACC] if PARAPHRASE_ACC in present else []), *OTHER_METRICS]
+    tested = [m for m in (ACC, *families, PARAPHRASE_ACC) if m in present]
     comparisons = [compare(m, a, b, alpha) for m in tested for a, b in combinations(groups, 2)]
     failed = [r for r in runs if r.metrics is None]
     return Report(dirs, groups, failed, missing, metrics, comparisons, alpha, notes)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Dataset
 
+from mmqa.data.augment import QuestionNoise
 from mmqa.data.concepts import caption_words
 from mmqa.data.images import ImageTransform, load_image
 from mmqa.data.recipe_text import format_recipe, recipe_prompt
@@ -105,6 +106,7 @@ class Collator:
         ingredients: list[str] = (),
         max_recipe_length: int = 256,
         concepts: list[str] = (),
+        question_noise: QuestionNoise | None = None,
     ):
         self.text_tok = text_tokenizer
         self.dec_tok = decoder_tokenizer
@@ -116,6 +118,7 @@ class Collator:
         self.ingredient_index = {n: i for i, n in enumerate(ingredients)}
         self.concept_index = {w: i for i, w in enumerate(concepts)}
         self.max_r = max_recipe_length
+        self.question_noise = question_noise  # training batches only: made-up words (mmqa.data.augment)
 
     def _encode_text(self, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not texts:
@@ -164,7 +167,7 @@ class Collator:
                 recipe_texts.append(format_recipe(rec.recipe))
                 r_img.append(row)
             for qa in rec.questions:
-                questions.append(qa.question)
+                questions.append(self.question_noise(qa.question, random) if self.question_noise else qa.question)
                 q_img.append(row)
                 answers.append(qa.answers)
                 families.append(qa.family)

@@ -12,6 +12,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from mmqa.data.augment import QuestionNoise
 from mmqa.data.batch import Collator, RecordDataset
 from mmqa.data.concepts import caption_words
 from mmqa.data.images import ImageTransform
@@ -22,7 +23,9 @@ from mmqa.data.validate import SkipLog, check_images
 from mmqa.errors import DataError
 from mmqa.metrics.vqa import normalize_answer
 
-SPLITS = ("train", "val", "test")
+# test_paraphrase: the test questions reworded in ways training never used (the built-in worlds write
+# it; a user's dataset may bring its own test_paraphrase.jsonl). Like test, it is optional.
+SPLITS = ("train", "val", "test", "test_paraphrase")
 
 
 def most_frequent(counts: Counter, top_k: int) -> list[str]:
@@ -110,10 +113,12 @@ class MMQADataModule(L.LightningDataModule):
         concept_top_k: int,
         on_bad_sample: str,
         root: str | None = None,
+        question_noise: QuestionNoise | None = None,
     ):
         """`root` is the dataset directory for configs whose reader reads one (`data.root=...`); the
         reader's own config refers to it, the data module only records it. `on_bad_sample`: 'raise'
-        stops at the first bad sample, 'skip' drops bad samples and lists them in `self.skip_log`."""
+        stops at the first bad sample, 'skip' drops bad samples and lists them in `self.skip_log`.
+        `question_noise`: made-up words in training questions (`mmqa.data.augment`)."""
         super().__init__()
         self.root = root
         self.reader = reader
@@ -128,6 +133,7 @@ class MMQADataModule(L.LightningDataModule):
         self.answer_top_k = answer_top_k
         self.ingredient_top_k = ingredient_top_k
         self.concept_top_k = concept_top_k
+        self.question_noise = question_noise if question_noise is not None and question_noise.active else None
         self.collate_args = dict(
             max_question_length=max_question_length,
             max_caption_length=max_caption_length,
@@ -206,7 +212,7 @@ class MMQADataModule(L.LightningDataModule):
             raise RuntimeError("MMQADataModule.attach(...) must be called before asking for data loaders")
         collate = Collator(
             *self.tokenizers, self.answers, train=train, ingredients=self.ingredients, concepts=self.concepts,
-            **self.collate_args,
+            question_noise=self.question_noise if train else None, **self.collate_args,
         )
         dataset = RecordDataset(self.load_records()[split], self.transform)
         args = dict(num_workers=self.num_workers, collate_fn=collate, persistent_workers=self.num_workers > 0)

@@ -1,5 +1,6 @@
 """What every built-in procedural dataset shares: the cache it is written through, the checks of
-the parameters all generators take, one random stream per split, and the files of a split.
+the parameters all generators take, one random stream per split, the files of a split, and the
+questions as asked (`Asked`), which the test_paraphrase split rewords with templates training never uses.
 
 A generated dataset lives in `<root>/<prefix>-<hash>/`, where the hash covers the generator's version
 and every generation parameter: the same call reuses the folder, any change generates anew. Files
@@ -12,7 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +23,33 @@ from tqdm import tqdm
 from mmqa.atomic import atomic_dir
 
 SPLITS = ("train", "val", "test")
+PARAPHRASE_SPLIT = "test_paraphrase"  # the test questions, each reworded with a held-out template
+
+
+@dataclass(frozen=True)
+class Asked:
+    """A question as asked: its wording, answer and family, and the template kind and fields it was
+    worded from (each field's wording already picked), so that it can be worded again."""
+
+    question: str
+    answer: str
+    family: str
+    kind: str  # a key of the world's question templates and of its held-out paraphrase templates
+    fields: Mapping[str, str]
+
+    def paraphrase(self, templates: Mapping[str, tuple[str, ...]], rng: random.Random) -> str:
+        """The same question in one of the held-out `templates` of its kind."""
+        return rng.choice(templates[self.kind]).format(**self.fields)
+
+
+def paraphrase_stream(world: str, params: dict) -> random.Random:
+    """Its own stream: the other splits are what they were before test_paraphrase existed."""
+    return random.Random(f"mmqa-{world}:{params['seed']}:{PARAPHRASE_SPLIT}")
+
+
+def write_lines(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
 
 
 def cached_dataset(root: str | Path, prefix: str, version: int, params: dict, write: Callable[[Path], None]) -> Path:
@@ -76,10 +105,11 @@ def write_splits(out: Path, world: str, params: dict, progress: bool, truth_name
     bar = progress_bar(world, params, progress)
     with bar, open(out / truth_name, "w", encoding="utf-8") as truth:
         for split, size, rng, np_rng in split_streams(world, params):
-            with open(out / f"{split}.jsonl", "w", encoding="utf-8") as lines:
-                for i in range(size):
-                    image = f"images/{split}_{i:06d}.png"
-                    rows, facts = make_image(split, image, rng, np_rng)
-                    lines.writelines(json.dumps(row) + "\n" for row in rows)
-                    truth.write(json.dumps({"image": image, "split": split, **facts}) + "\n")
-                    bar.update()
+            rows = []
+            for i in range(size):
+                image = f"images/{split}_{i:06d}.png"
+                lines, facts = make_image(split, image, rng, np_rng)
+                rows += lines
+                truth.write(json.dumps({"image": image, "split": split, **facts}) + "\n")
+                bar.update()
+            write_lines(out / f"{split}.jsonl", rows)

@@ -4,7 +4,8 @@ captions and questions.
 This module owns the world: the ingredients (their look, colours, sizes, counts and words), the
 dish kinds (which ingredients they allow), sampling a dish and rendering it, its questions and
 captions, and writing a cached dataset in the JSONL layout that `mmqa.data.readers.jsonl.JsonlReader`
-reads (see data/README.md), with each image's `ingredients` and `recipe`. The strokes of each
+reads (see data/README.md), with each image's `ingredients` and `recipe`, and the test questions reworded
+with held-out templates (`PARAPHRASES`) as the test_paraphrase split. The strokes of each
 base and look are in `mmqa.data.worlds.dish_drawing`, the recipe text in `mmqa.data.worlds.dish_recipes`.
 
 Every ingredient a label names is drawn in the image (at least one piece, placed so that pieces
@@ -24,13 +25,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from mmqa.data.worlds.cache import cached_dataset, common_problems, write_splits
+from mmqa.data.worlds.cache import (PARAPHRASE_SPLIT, Asked, cached_dataset, common_problems, paraphrase_stream,
+                                    write_lines, write_splits)
 from mmqa.data.worlds.dish_drawing import BASES, LOOKS
 from mmqa.data.worlds.dish_recipes import join_words, write_recipe
 from mmqa.errors import ConfigError
 
 # Part of the cache key: bump it whenever the same parameters would produce different files.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: test_paraphrase added; train, val and test are unchanged
 SUPERSAMPLE = 4  # drawn at 4x and averaged down: smooth edges that survive at 64 px
 REF = 64  # every size below is in pixels of a 64 px image and scales with image_size
 
@@ -282,6 +284,12 @@ INGREDIENT_QUESTIONS = ("{be} there {x} {prep} the {dish}?", "does the {dish} ha
                         "can you see {x} {prep} the {dish}?", "does this dish contain {x}?")
 CAPTION_TEMPLATES = ("{dish} with {list}", "a photo of {dish} with {list}", "{list} {prep} {dish}",
                      "top view of {dish} with {list}", "{dish} made with {list}")
+# Held-out wordings, used only in the test_paraphrase split (tests/test_dishes.py: never a training question).
+PARAPHRASES = {
+    "dish": ("name this dish", "which dish do you see?", "tell me what dish this is", "the food shown is which dish?"),
+    "ingredient": ("do you see {x} {prep} the {dish}?", "{be} {x} visible {prep} the {dish}?",
+                   "tell me if the {dish} has {x}", "{x} {prep} the {dish}: yes or no?"),
+}
 FAMILIES = ("dish", "ingredient")
 
 
@@ -289,21 +297,21 @@ def _ask_noun(ing: Ingredient) -> str:
     return "an egg" if ing.name == "egg" else ing.noun
 
 
-def ask_questions(dish: Dish, n: int, rng: random.Random) -> list[tuple[str, str, str]]:
-    """(question, answer, family): first what the dish is, then whether an ingredient is there,
+def ask_questions(dish: Dish, n: int, rng: random.Random) -> list[Asked]:
+    """First what the dish is, then whether an ingredient is there,
     alternating yes and no from a random start. A "no" asks about an ingredient the kind allows but
     this dish lacks, so it cannot be answered from the dish kind alone."""
     kind, present = KINDS[dish.kind], dish.ingredients
-    out = [(rng.choice(DISH_QUESTIONS), dish.kind, "dish")][:n]
+    out = [Asked(rng.choice(DISH_QUESTIONS), dish.kind, "dish", "dish", {})][:n]
     yes = rng.sample(present, len(present))
     no = rng.sample([i for i in kind.allowed if i not in present], len(kind.allowed) - len(present))
     want_yes = rng.random() < 0.5
     while len(out) < n and (yes or no):
         pool = yes if (want_yes and yes) or not no else no
         ing = INGREDIENTS[pool.pop()]
-        question = rng.choice(INGREDIENT_QUESTIONS).format(
-            be="are" if ing.plural else "is", x=_ask_noun(ing), prep=kind.prep, dish=dish.kind)
-        out.append((question, "yes" if pool is yes else "no", "ingredient"))
+        fields = dict(be="are" if ing.plural else "is", x=_ask_noun(ing), prep=kind.prep, dish=dish.kind)
+        question = rng.choice(INGREDIENT_QUESTIONS).format(**fields)
+        out.append(Asked(question, "yes" if pool is yes else "no", "ingredient", "ingredient", fields))
         want_yes = not want_yes
     return out
 
@@ -360,6 +368,7 @@ def _check_params(p: dict) -> None:
 def _write_dataset(out: Path, params: dict, progress: bool) -> None:
     tallies: dict[str, dict[str, Counter]] = {}  # per split: kinds, ingredients, families, answers
     n_captions: Counter = Counter()  # per split
+    reword, paraphrases = paraphrase_stream("dishes", params), []
 
     def make_image(split: str, image: str, rng: random.Random, np_rng: np.random.Generator):
         dish = sample_dish(rng, params["min_ingredients"], params["max_ingredients"])
@@ -370,17 +379,24 @@ def _write_dataset(out: Path, params: dict, progress: bool) -> None:
         tally = tallies.setdefault(split, {k: Counter() for k in ("kinds", "ingredients", "families", "answers")})
         tally["kinds"][dish.kind] += 1
         tally["ingredients"].update(dish.ingredients)
-        tally["families"].update(f for _, _, f in questions)
-        tally["answers"].update(f"{f}: {a}" for _, a, f in questions)
+        tally["families"].update(q.family for q in questions)
+        tally["answers"].update(f"{q.family}: {q.answer}" for q in questions)
         n_captions[split] += len(captions)
         facts = {"kind": dish.kind, "table": dish.table, "style": dish.style,
                  "pieces": [[p.ingredient, round(p.x, 2), round(p.y, 2)] for p in dish.pieces]}
-        return _rows(image, questions, captions, dish.ingredients, recipe), facts
+        if split == "test":
+            paraphrases.extend({"image": image, "question": q.paraphrase(PARAPHRASES, reword), "answers": [q.answer],
+                                "question_type": q.family} for q in questions)
+        return _rows(image, [(q.question, q.answer, q.family) for q in questions], captions, dish.ingredients,
+                     recipe), facts
 
     write_splits(out, "dishes", params, progress, "dishes.jsonl", make_image)
     stats = {split: {"images": params[f"n_{split}"], "questions": sum(t["families"].values()),
                      "captions": n_captions[split], **{k: dict(sorted(v.items())) for k, v in t.items()}}
              for split, t in tallies.items()}
+    if paraphrases:  # the test split's images, questions and answers, reworded
+        write_lines(out / f"{PARAPHRASE_SPLIT}.jsonl", paraphrases)
+        stats[PARAPHRASE_SPLIT] = {**stats["test"], "captions": 0}
     meta = {
         "generator": "mmqa.data.worlds.dishes",
         "version": GENERATOR_VERSION,

@@ -24,11 +24,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from mmqa.data.worlds.cache import cached_dataset, common_problems, write_splits
+from mmqa.data.worlds.cache import (PARAPHRASE_SPLIT, Asked, cached_dataset, common_problems, paraphrase_stream,
+                                    write_lines, write_splits)
 from mmqa.errors import ConfigError
 
 # Part of the cache key: bump it whenever the same parameters would produce different files.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: test_paraphrase added; train, val and test are unchanged
 
 SHAPES = ("circle", "square", "triangle", "cross")
 PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses"}
@@ -85,6 +86,29 @@ TEMPLATES = {
         "which object is {cmp}: the {a} or the {b}?",
         "what shape is {cmp}, the {a} or the {b}?",
     ),
+}
+# Held-out wordings of the same questions, used only in the test_paraphrase split: other spellings
+# (color), imperatives ("tell me ..."), the question word last, and synonyms (count, number, visible).
+# tests/test_shapes.py checks that no paraphrase question is ever a training question.
+PARAPHRASES = {
+    "colour_of": ("what color is the {ref}?", "tell me the colour of the {ref}", "the {ref} is which color?",
+                  "name the colour of the {ref}"),
+    "shape_of": ("tell me the shape of the {ref}", "the {ref} has what shape?", "what kind of shape is the {ref}?",
+                 "name the shape of the {ref}"),
+    "size_of": ("tell me the size of the {ref}", "is the {ref} large or small?", "the {ref} is how big?",
+                "how large is the {ref}?"),
+    "exists": ("do you see {a_desc}?", "is {a_desc} visible?", "is {a_desc} shown in the picture?",
+               "does the image have {a_desc}?"),
+    "count": ("count the {plural}", "number of {plural}?", "how many {plural} do you see?",
+              "tell me how many {plural} there are"),
+    "shape_beside": ("tell me the shape {rel} the {ref}", "name the shape {rel} the {ref}",
+                     "{rel} the {ref}, what shape is there?"),
+    "is_beside": ("is the {a} positioned {rel} the {b}?", "the {a} is {rel} the {b}, yes or no?",
+                  "tell me if the {a} is {rel} the {b}"),
+    "compare_yn": ("is the {a} {cmp} compared to the {b}?", "compared with the {b}, is the {a} {cmp}?",
+                   "tell me if the {a} is {cmp} than the {b}"),
+    "compare_which": ("tell me which is {cmp}, the {a} or the {b}", "of the {a} and the {b}, which is {cmp}?",
+                      "which one is {cmp}: the {a} or the {b}?"),
 }
 # Alternative wordings of one relation; the renderer picks one per question.
 RELATIONS = {
@@ -337,8 +361,8 @@ FAMILIES = tuple(FAMILY_CANDIDATES)
 
 def ask_questions(
     scene: Scene, n: int, image_size: int, rng: random.Random, family_counts: Counter
-) -> list[tuple[str, str, str]]:
-    """Pick `n` (question, answer, family) for a scene, keeping families balanced over the split.
+) -> list[Asked]:
+    """Pick `n` questions for a scene, keeping families balanced over the split.
 
     Each question goes to the family asked least so far (in `family_counts`, updated here) among
     those the scene allows. Within a family the answer is drawn first, uniformly over the answers
@@ -359,7 +383,7 @@ def ask_questions(
         answer = rng.choice(sorted({c.answer for c in pool}))
         chosen = rng.choice([c for c in pool if c.answer == answer])
         fields = {k: rng.choice(v) if isinstance(v, tuple) else v for k, v in chosen.fields.items()}
-        out.append((rng.choice(TEMPLATES[chosen.kind]).format(**fields), answer, family))
+        out.append(Asked(rng.choice(TEMPLATES[chosen.kind]).format(**fields), answer, family, chosen.kind, fields))
         asked.add(chosen.key)
         family_counts[family] += 1
     return out
@@ -425,17 +449,22 @@ def _write_dataset(out: Path, params: dict, progress: bool) -> None:
     family_counts: dict[str, Counter] = defaultdict(lambda: Counter({f: 0 for f in FAMILIES}))  # per split
     answers: dict[str, Counter] = defaultdict(Counter)
     n_captions: Counter = Counter()
+    reword, paraphrases = paraphrase_stream("shapes", params), []
 
     def make_image(split: str, image: str, rng: random.Random, np_rng: np.random.Generator):
         scene = sample_scene(rng, params["image_size"], params["min_objects"], params["max_objects"])
         render_scene(scene, params["image_size"], np_rng).save(out / image)
         questions = ask_questions(scene, params["questions_per_image"], params["image_size"], rng, family_counts[split])
         captions = make_captions(scene, rng.randint(params["min_captions"], params["max_captions"]), rng)
-        answers[split].update((family, answer) for _, answer, family in questions)
+        answers[split].update((q.family, q.answer) for q in questions)
         n_captions[split] += len(captions)
-        return _rows(image, questions, captions), asdict(scene)
+        if split == "test":
+            paraphrases.extend(_rows(image, [(q.paraphrase(PARAPHRASES, reword), q.answer, q.family) for q in questions], []))
+        return _rows(image, [(q.question, q.answer, q.family) for q in questions], captions), asdict(scene)
 
     write_splits(out, "shapes", params, progress, "scenes.jsonl", make_image)
+    if paraphrases:
+        write_lines(out / f"{PARAPHRASE_SPLIT}.jsonl", paraphrases)
     stats = {
         split: {
             "images": params[f"n_{split}"],
@@ -446,6 +475,8 @@ def _write_dataset(out: Path, params: dict, progress: bool) -> None:
         }
         for split, counts in family_counts.items()
     }
+    if paraphrases:  # the test split's images, questions and answers, reworded
+        stats[PARAPHRASE_SPLIT] = {**stats["test"], "captions": 0}
     meta = {
         "generator": "mmqa.data.worlds.shapes",
         "version": GENERATOR_VERSION,
