@@ -268,3 +268,13 @@ def test_breakdown_groups_by_family_and_phrasing_and_tabulates_confusion(tmp_pat
     assert groups["attribute: what colour is"] == (1.0, 1)
     assert groups["existence"] == (0.0, 1)
     assert confused == {"circle": {"square": 1}, "red": {"red": 1}, "square": {"square": 1}}
+
+
+def test_breakdown_ratios_compare_each_family_and_weigh_the_overall_by_questions():
+    from mmqa.cli.breakdown import ratios
+
+    test = {"attribute": (1.0, 3), "attribute: what shape is": (1.0, 2), "existence": (0.5, 1)}
+    reworded = {"attribute": (0.5, 3), "attribute: tell me the": (0.5, 3), "existence": (0.5, 1)}
+    out = ratios(reworded, test)
+    assert out["attribute"] == (1.0, 0.5, 0.5) and out["existence"] == (0.5, 0.5, 1.0)
+    assert out["all"] == pytest.approx((3.5 / 4, 2.0 / 4, (2.0 / 4) / (3.5 / 4)))

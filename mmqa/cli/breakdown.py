@@ -1,12 +1,13 @@
 """Error analysis of a bundle's answers, finer than the per-family metrics:
-`python -m mmqa breakdown BUNDLE DATASET_DIR [--split test] [--words 3] [--confusion FAMILY]`.
+`python -m mmqa breakdown BUNDLE DATASET_DIR [--split test] [--words 3] [--confusion FAMILY] [--against SPLIT]`.
 
 Answers every question of a JSONL dataset split (the layout of data/README.md; the built-in worlds
 are written in it) with `Bundle.answer` and prints the official VQA accuracy (`vqa_score`) grouped
 by question family and by the question's first `--words` words (which phrasings fail), the words of
 the questions that the model's tokenizer does not know (on `--split test_paraphrase`: which reworded
 questions it cannot read), then, for one family, which answer was given for which expected one (the
-confusion)."""
+confusion). `--split test_paraphrase --against test` adds each family's accuracy on both splits and
+their ratio: what rewording the same questions costs."""
 
 from __future__ import annotations
 
@@ -44,6 +45,18 @@ def breakdown(
     return {k: (sum(v) / len(v), len(v)) for k, v in sorted(scores.items())}, dict(sorted(confused.items()))
 
 
+def ratios(groups: dict[str, tuple[float, int]], against: dict[str, tuple[float, int]]) -> dict[str, tuple[float, float, float]]:
+    """{"all" and each family: (accuracy against, accuracy, ratio)} from two `breakdown` group tables;
+    "all" weighs each family by its questions."""
+    families = [k for k in groups if ":" not in k and k in against]
+
+    def overall(table):
+        return sum(table[f][0] * table[f][1] for f in families) / max(1, sum(table[f][1] for f in families))
+
+    rows = {"all": (overall(against), overall(groups))} | {f: (against[f][0], groups[f][0]) for f in families}
+    return {k: (a, b, b / a if a else float("nan")) for k, (a, b) in rows.items()}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m mmqa breakdown", description=__doc__.split("\n\n")[0])
     parser.add_argument("bundle", help="a bundle directory written by train.py (<run>/bundle)")
@@ -53,15 +66,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--confusion", default=None, help="a question family whose answers to tabulate")
     parser.add_argument("--min-count", type=int, default=20, help="hide phrasing groups with fewer questions")
     parser.add_argument("--new-words", type=int, default=15, help="list this many of the most frequent unknown words")
+    parser.add_argument("--against", default=None, help="another split (test) to compare each family's accuracy with")
     args = parser.parse_args(argv)
 
     from mmqa.bundle import Bundle
 
     bundle = Bundle.load(args.bundle)
-    records = JsonlReader(args.dataset).read(args.split)
-    if records is None:
-        parser.error(f"{args.dataset} has no {args.split}.jsonl")
-    groups, confused = breakdown(records, lambda im, q: bundle.answer(im, q).answer, args.words, args.confusion)
+    reader = JsonlReader(args.dataset)
+    records, other = reader.read(args.split), reader.read(args.against) if args.against else None
+    for split, read in ((args.split, records), (args.against, other)):
+        if split and read is None:
+            parser.error(f"{args.dataset} has no {split}.jsonl")
+    answer = lambda im, q: bundle.answer(im, q).answer  # noqa: E731
+    groups, confused = breakdown(records, answer, args.words, args.confusion)
     print(f"{'group':<48} {'accuracy':>8} {'questions':>9}")
     for name, (acc, n) in groups.items():
         if ":" not in name or n >= args.min_count:
@@ -70,6 +87,10 @@ def main(argv: list[str] | None = None) -> None:
     n_questions = sum(len(r.questions) for r in records)
     print(f"words new to the model: {', '.join(f'{w} {n}' for w, n in new.most_common(args.new_words)) or 'none'} "
           f"(in {n_questions} questions)")
+    if other is not None:
+        print(f"\n{'family':<12} {args.against:>16} {args.split:>16} {'ratio':>6}")
+        for family, (a, b, r) in ratios(groups, breakdown(other, answer, args.words, None)[0]).items():
+            print(f"{family:<12} {a:>16.3f} {b:>16.3f} {r:>6.3f}")
     for expected, given in confused.items():
         total = sum(given.values())
         shown = ", ".join(f"{a} {c}" for a, c in given.most_common())
