@@ -80,8 +80,7 @@ def unknown_words(tokenizer, text: str) -> list[str]:
     for w in words:
         if not any(c.isalnum() for c in w) or w in out:
             continue
-        pieces = tokenizer.tokenize(w)
-        if (fitted and w not in vocab) or tokenizer.unk_token in pieces:
+        if w not in vocab if fitted else tokenizer.unk_token in tokenizer.tokenize(w):
             out.append(w)
     return out
 

@@ -42,14 +42,27 @@ class Asked:
         return rng.choice(templates[self.kind]).format(**self.fields)
 
 
-def paraphrase_stream(world: str, params: dict) -> random.Random:
-    """Its own stream: the other splits are what they were before test_paraphrase existed."""
-    return random.Random(f"mmqa-{world}:{params['seed']}:{PARAPHRASE_SPLIT}")
+class Paraphrases:
+    """The test_paraphrase split of a world: each test question reworded with one of `templates`
+    (the world's held-out wordings), drawn from a stream of its own so that the other splits are
+    what they were before this split existed."""
 
+    def __init__(self, world: str, params: dict, templates: Mapping[str, tuple[str, ...]]):
+        self.rng = random.Random(f"mmqa-{world}:{params['seed']}:{PARAPHRASE_SPLIT}")
+        self.templates = templates
+        self.rows: list[dict] = []
 
-def write_lines(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
+    def add(self, split: str, image: str, questions: list[Asked]) -> None:
+        if split == "test":
+            self.rows.extend({"image": image, "question": q.paraphrase(self.templates, self.rng), "answers": [q.answer],
+                              "question_type": q.family} for q in questions)
+
+    def write(self, out: Path, stats: dict) -> None:
+        """Write the split's file and add its counts to `stats` (the test split's, without captions)."""
+        if self.rows:
+            with open(out / f"{PARAPHRASE_SPLIT}.jsonl", "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(row) + "\n" for row in self.rows)
+            stats[PARAPHRASE_SPLIT] = {**stats["test"], "captions": 0}
 
 
 def cached_dataset(root: str | Path, prefix: str, version: int, params: dict, write: Callable[[Path], None]) -> Path:
@@ -105,11 +118,10 @@ def write_splits(out: Path, world: str, params: dict, progress: bool, truth_name
     bar = progress_bar(world, params, progress)
     with bar, open(out / truth_name, "w", encoding="utf-8") as truth:
         for split, size, rng, np_rng in split_streams(world, params):
-            rows = []
-            for i in range(size):
-                image = f"images/{split}_{i:06d}.png"
-                lines, facts = make_image(split, image, rng, np_rng)
-                rows += lines
-                truth.write(json.dumps({"image": image, "split": split, **facts}) + "\n")
-                bar.update()
-            write_lines(out / f"{split}.jsonl", rows)
+            with open(out / f"{split}.jsonl", "w", encoding="utf-8") as lines:
+                for i in range(size):
+                    image = f"images/{split}_{i:06d}.png"
+                    rows, facts = make_image(split, image, rng, np_rng)
+                    lines.writelines(json.dumps(row) + "\n" for row in rows)
+                    truth.write(json.dumps({"image": image, "split": split, **facts}) + "\n")
+                    bar.update()

@@ -25,8 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from mmqa.data.worlds.cache import (PARAPHRASE_SPLIT, Asked, cached_dataset, common_problems, paraphrase_stream,
-                                    write_lines, write_splits)
+from mmqa.data.worlds.cache import Asked, Paraphrases, cached_dataset, common_problems, write_splits
 from mmqa.data.worlds.dish_drawing import BASES, LOOKS
 from mmqa.data.worlds.dish_recipes import join_words, write_recipe
 from mmqa.errors import ConfigError
@@ -368,7 +367,7 @@ def _check_params(p: dict) -> None:
 def _write_dataset(out: Path, params: dict, progress: bool) -> None:
     tallies: dict[str, dict[str, Counter]] = {}  # per split: kinds, ingredients, families, answers
     n_captions: Counter = Counter()  # per split
-    reword, paraphrases = paraphrase_stream("dishes", params), []
+    paraphrases = Paraphrases("dishes", params, PARAPHRASES)
 
     def make_image(split: str, image: str, rng: random.Random, np_rng: np.random.Generator):
         dish = sample_dish(rng, params["min_ingredients"], params["max_ingredients"])
@@ -384,9 +383,7 @@ def _write_dataset(out: Path, params: dict, progress: bool) -> None:
         n_captions[split] += len(captions)
         facts = {"kind": dish.kind, "table": dish.table, "style": dish.style,
                  "pieces": [[p.ingredient, round(p.x, 2), round(p.y, 2)] for p in dish.pieces]}
-        if split == "test":
-            paraphrases.extend({"image": image, "question": q.paraphrase(PARAPHRASES, reword), "answers": [q.answer],
-                                "question_type": q.family} for q in questions)
+        paraphrases.add(split, image, questions)
         return _rows(image, [(q.question, q.answer, q.family) for q in questions], captions, dish.ingredients,
                      recipe), facts
 
@@ -394,9 +391,7 @@ def _write_dataset(out: Path, params: dict, progress: bool) -> None:
     stats = {split: {"images": params[f"n_{split}"], "questions": sum(t["families"].values()),
                      "captions": n_captions[split], **{k: dict(sorted(v.items())) for k, v in t.items()}}
              for split, t in tallies.items()}
-    if paraphrases:  # the test split's images, questions and answers, reworded
-        write_lines(out / f"{PARAPHRASE_SPLIT}.jsonl", paraphrases)
-        stats[PARAPHRASE_SPLIT] = {**stats["test"], "captions": 0}
+    paraphrases.write(out, stats)
     meta = {
         "generator": "mmqa.data.worlds.dishes",
         "version": GENERATOR_VERSION,

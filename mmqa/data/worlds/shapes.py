@@ -24,8 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from mmqa.data.worlds.cache import (PARAPHRASE_SPLIT, Asked, cached_dataset, common_problems, paraphrase_stream,
-                                    write_lines, write_splits)
+from mmqa.data.worlds.cache import Asked, Paraphrases, cached_dataset, common_problems, write_splits
 from mmqa.errors import ConfigError
 
 # Part of the cache key: bump it whenever the same parameters would produce different files.
@@ -449,7 +448,7 @@ def _write_dataset(out: Path, params: dict, progress: bool) -> None:
     family_counts: dict[str, Counter] = defaultdict(lambda: Counter({f: 0 for f in FAMILIES}))  # per split
     answers: dict[str, Counter] = defaultdict(Counter)
     n_captions: Counter = Counter()
-    reword, paraphrases = paraphrase_stream("shapes", params), []
+    paraphrases = Paraphrases("shapes", params, PARAPHRASES)
 
     def make_image(split: str, image: str, rng: random.Random, np_rng: np.random.Generator):
         scene = sample_scene(rng, params["image_size"], params["min_objects"], params["max_objects"])
@@ -458,13 +457,10 @@ def _write_dataset(out: Path, params: dict, progress: bool) -> None:
         captions = make_captions(scene, rng.randint(params["min_captions"], params["max_captions"]), rng)
         answers[split].update((q.family, q.answer) for q in questions)
         n_captions[split] += len(captions)
-        if split == "test":
-            paraphrases.extend(_rows(image, [(q.paraphrase(PARAPHRASES, reword), q.answer, q.family) for q in questions], []))
+        paraphrases.add(split, image, questions)
         return _rows(image, [(q.question, q.answer, q.family) for q in questions], captions), asdict(scene)
 
     write_splits(out, "shapes", params, progress, "scenes.jsonl", make_image)
-    if paraphrases:
-        write_lines(out / f"{PARAPHRASE_SPLIT}.jsonl", paraphrases)
     stats = {
         split: {
             "images": params[f"n_{split}"],
@@ -475,8 +471,7 @@ def _write_dataset(out: Path, params: dict, progress: bool) -> None:
         }
         for split, counts in family_counts.items()
     }
-    if paraphrases:  # the test split's images, questions and answers, reworded
-        stats[PARAPHRASE_SPLIT] = {**stats["test"], "captions": 0}
+    paraphrases.write(out, stats)
     meta = {
         "generator": "mmqa.data.worlds.shapes",
         "version": GENERATOR_VERSION,
