@@ -11,6 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 import mmqa.config_check  # noqa: F401 - registers conf/train.yaml's schema (train_schema) with Hydra
+from mmqa.compress.distill import Distiller
 from mmqa.data.datamodule import SPLITS, MMQADataModule
 from mmqa.data.tokenizer import load_tokenizer, train_tokenizer
 from mmqa.errors import ConfigError
@@ -58,7 +59,7 @@ def build_model(
 
 
 def build_lit_module(cfg: DictConfig, model: MMQAModel, dm: MMQADataModule, split: str = "train",
-                     train: bool = True) -> LitMMQA:
+                     train: bool = True, distiller: Distiller | None = None) -> LitMMQA:
     """The LightningModule for `cfg` (a composed train config, or a bundle's stored one) around
     `model`, with the vocabularies `dm` was given (`MMQADataModule.attach`). `split`: the split whose
     question families are scored; `train=False` leaves out the optimiser and schedule (evaluation)."""
@@ -75,6 +76,7 @@ def build_lit_module(cfg: DictConfig, model: MMQAModel, dm: MMQADataModule, spli
         ingredients=dm.ingredients,
         recipe=cfg.get("recipe"),
         concepts=dm.concepts,
+        distiller=distiller,
     )
 
 
@@ -84,6 +86,9 @@ def build_experiment(cfg: DictConfig, assets: tuple | None = None) -> tuple[MMQA
     ingredients) to reuse; without it they are built from the training split."""
     dm = instantiate(cfg.data)
     dm.load_records()
+    teacher = load_teacher(cfg, dm)
+    if assets is None and teacher is not None:  # the student reads and answers with the teacher's vocabularies
+        assets = (teacher.text_tokenizer, teacher.decoder_tokenizer, teacher.answers, teacher.ingredients)
     if assets is None:
         text_tok, dec_tok = build_tokenizers(cfg.model, cfg.tokenizer, dm.train_texts())
         assets = (text_tok, dec_tok, dm.answer_vocab(), dm.ingredient_vocab())
@@ -98,7 +103,34 @@ def build_experiment(cfg: DictConfig, assets: tuple | None = None) -> tuple[MMQA
             f"data.max_recipe_length={cfg.data.max_recipe_length} exceeds the decoder's {positions} positions "
             f"(model.decoder.max_length): use experiment=recipes, or raise model.decoder.max_length"
         )
-    return dm, build_lit_module(cfg, model, dm)
+    distiller = None
+    if teacher is not None:
+        d = cfg.distill
+        distiller = Distiller(teacher.model, d.temperature, d.vqa, d.caption)
+    return dm, build_lit_module(cfg, model, dm, distiller=distiller)
+
+
+def load_teacher(cfg: DictConfig, dm: MMQADataModule):
+    """The bundle `distill.teacher` names (None without one), checked against the data: its answer
+    vocabulary must be the one this data gives, or the soft answers would mean other answers."""
+    path = (cfg.get("distill") or {}).get("teacher")
+    if not path:
+        if cfg.get("task_name") == "distill":  # experiment=distill names its runs so
+            raise ConfigError("distill.teacher is required by experiment=distill: distill.teacher=<run>/bundle")
+        return None
+    from mmqa.bundle import Bundle  # the bundle builds through this module
+
+    teacher = Bundle.load(path)
+    answers = dm.answer_vocab()
+    if list(teacher.answers) != list(answers):
+        new, gone = sorted(set(answers) - set(teacher.answers)), sorted(set(teacher.answers) - set(answers))
+        raise ConfigError(
+            f"distill.teacher={path}: its answer vocabulary ({len(teacher.answers)} answers, answers.json) is not "
+            f"this data's ({len(answers)}): only in the data {new[:5]}, only in the teacher {gone[:5]}"
+            + ("" if new or gone else ", same answers in another order")
+            + "; distil on the data the teacher was trained on"
+        )
+    return teacher
 
 
 def test_split(trainer, lit: LitMMQA, dm: MMQADataModule, split: str, **test_kwargs) -> dict[str, float]:

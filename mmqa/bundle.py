@@ -2,7 +2,8 @@
 config (YAML), tokenizers (HF JSON), the answer and ingredient vocabularies (JSON) and the weights
 (safetensors).
 `Bundle.load` rebuilds the model from the stored config before loading weights, so no pickled code
-is ever executed. The demo, the CLI and the tests all go through these methods.
+is ever executed; a compressed bundle's config lists its compression steps, replayed before the
+weights load (mmqa/compress/). The demo, the CLI and the tests all go through these methods.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from safetensors.torch import load_model, save_model
 
 from mmqa.atomic import atomic_dir
 from mmqa.build import build_model
+from mmqa.compress import restructure
 from mmqa.data.images import ImageTransform, load_image, to_rgb
 from mmqa.data.recipe_text import parse_recipe
 from mmqa.data.tokenizer import load_tokenizer, unknown_words
@@ -148,6 +150,7 @@ class Bundle:
         if not (path / WEIGHTS).is_file():
             raise MMQAError(f"{path} is not an mmqa bundle: missing {WEIGHTS}")
         model = build_model(cfg.model, len(answers), text_tok, dec_tok, len(ingredients))
+        restructure(model, cfg, path)  # a compressed bundle: its smaller or int8 layers, before the weights
         load_model(model, str(path / WEIGHTS), device=device)
         return cls(cfg, model.to(device), text_tok, dec_tok, answers, ingredients)
 
@@ -171,27 +174,43 @@ class Bundle:
     def answer(self, image, question: str, top_k: int = 5, return_attention: bool = False) -> Answer:
         """Answer one question about one image (a path or a PIL image); `unknown` lists the question's
         words this model has no token for, whose meaning it cannot know."""
-        img = self.model.encode_images(self._images([image]))
-        q = self._text([question], self.cfg.data.max_question_length)
-        idx = torch.zeros(1, dtype=torch.long, device=self.device)
-        logits, fused = self.model.answer_logits(img, idx, q, return_attention=return_attention)
-        probs = logits[0].sigmoid()  # soft-score BCE: independent per-answer probabilities
-        p, i = probs.topk(min(top_k, len(self.answers)))
-        top = [(self.answers[j], float(v)) for v, j in zip(p.tolist(), i.tolist())]
-        attn = None
-        if fused.attention is not None:
-            g = self.model.grid
-            attn = fused.attention[0].mean(dim=(0, 1)).reshape(g, g).cpu()  # (h, T, N) -> (g, g)
+        return self.answer_batch([image], [question], top_k, return_attention)[0]
+
+    @torch.no_grad()
+    def answer_batch(self, images: list, questions: list[str], top_k: int = 5, return_attention: bool = False) -> list[Answer]:
+        """Answer `questions[i]` about `images[i]`, all in one batch (the images and questions each
+        encoded once, together)."""
+        if len(images) != len(questions):
+            raise MMQAError(f"answer_batch: {len(images)} images but {len(questions)} questions; give one image per question")
+        img = self.model.encode_images(self._images(images))  # tokens (B, N, D)
+        q = self._text(questions, self.cfg.data.max_question_length)  # tokens (B, T, D)
+        idx = torch.arange(len(questions), device=self.device)
+        logits, fused = self.model.answer_logits(img, idx, q, return_attention=return_attention)  # (B, K)
+        probs = logits.sigmoid()  # soft-score BCE: independent per-answer probabilities
+        p, i = probs.topk(min(top_k, len(self.answers)), dim=-1)  # (B, k)
         with self._tokenizer_lock:  # tokenizing resets the tokenizer's truncation state
-            unknown = unknown_words(self.text_tokenizer, question)
-        return Answer(answer=top[0][0], top=top, attention=attn, unknown=unknown)
+            unknown = [unknown_words(self.text_tokenizer, question) for question in questions]
+        out = []
+        for b in range(len(questions)):
+            top = [(self.answers[j], float(v)) for v, j in zip(p[b].tolist(), i[b].tolist())]
+            attn = None
+            if fused.attention is not None:  # (B, h, T, N): the question's own tokens, averaged with the heads
+                g = self.model.grid
+                attn = fused.attention[b][:, q.mask[b]].mean(dim=(0, 1)).reshape(g, g).cpu()  # (g, g)
+            out.append(Answer(answer=top[0][0], top=top, attention=attn, unknown=unknown[b]))
+        return out
 
     @torch.no_grad()
     def caption(self, image, **generate_kwargs) -> str:
         """Describe one image; `generate_kwargs` go to transformers' `generate` (num_beams, do_sample, ...)."""
-        img = self.model.encode_images(self._images([image]))
+        return self.caption_batch([image], **generate_kwargs)[0]
+
+    @torch.no_grad()
+    def caption_batch(self, images: list, **generate_kwargs) -> list[str]:
+        """Describe each image, all in one batch."""
+        img = self.model.encode_images(self._images(images))
         kwargs = {**OmegaConf.to_container(self.cfg.generation), **generate_kwargs}
-        return generate_captions(self.model, self.decoder_tokenizer, img, **kwargs)[0]
+        return generate_captions(self.model, self.decoder_tokenizer, img, **kwargs)
 
     @property
     def writes_recipes(self) -> bool:

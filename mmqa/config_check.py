@@ -68,6 +68,14 @@ class Recipe:
 
 
 @dataclass
+class Distill:
+    teacher: str | None = MISSING
+    temperature: float = MISSING
+    vqa: float = MISSING
+    caption: float = MISSING
+
+
+@dataclass
 class TrainConfig:
     """The top level of conf/train.yaml. The values live in the YAML files; this holds only names
     and types. Sections built with `_target_` are `Any` here: `check_config` checks them against
@@ -82,6 +90,7 @@ class TrainConfig:
     eval: Eval = field(default_factory=Eval)
     recipe: Recipe = field(default_factory=Recipe)
     loss: Loss = field(default_factory=Loss)
+    distill: Distill = field(default_factory=Distill)
     data: Any = MISSING
     model: Any = MISSING
     optim: Any = MISSING

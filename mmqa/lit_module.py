@@ -1,6 +1,6 @@
 """The LightningModule: the multi-task loss (VQA soft-score BCE + caption LM + CLIP contrastive +
 caption-concept BCE + ingredient BCE + recipe LM, each computed only where the batch has its labels
-and weighted from the config), the metrics under "split/name" keys, and the optimiser and schedule
+and weighted from the config; with a teacher, the distillation terms too), the metrics under "split/name" keys, and the optimiser and schedule
 given by the config (conf/optim/, conf/scheduler/), completed here with the parameters. The model
 itself is plain PyTorch (`mmqa.models`); the concept head, a training-only aid, lives here and is not
 part of the exported bundle. `mmqa.build.build_lit_module` builds it from a config."""
@@ -16,6 +16,7 @@ import torchmetrics
 from open_clip.loss import ClipLoss
 from transformers import get_cosine_schedule_with_warmup
 
+from mmqa.compress.distill import Distiller
 from mmqa.data.batch import Batch
 from mmqa.data.recipe_text import ingredient_names, parse_recipe
 from mmqa.errors import MMQAError
@@ -69,13 +70,15 @@ class LitMMQA(L.LightningModule):
         ingredients: list[str] = (),
         recipe: dict | None = None,
         concepts: list[str] = (),
+        distiller: Distiller | None = None,
     ):
         """`optimizer` and `scheduler`: partials (`_partial_: true` in conf/optim/ and conf/scheduler/)
         completed in `configure_optimizers`; None for a module that only evaluates. `concepts`: the caption-word vocabulary of the concept loss (`mmqa.data.concepts`; no concept
         head when it is empty or `loss_weights["concepts"]` is 0); `ingredients`: the ingredient
         vocabulary (empty without recipe data); `recipe`: the
         `ingredient_threshold`, `prompt_threshold`, `ban_absent_ingredients` and the recipe `generation`
-        kwargs (conf/train.yaml)."""
+        kwargs (conf/train.yaml). `distiller`: a teacher whose KL terms join the training losses
+        (mmqa/compress/distill.py), weighted by `distill` in conf/train.yaml."""
         super().__init__()
         unknown = set(loss_weights) - set(TASKS)
         if unknown:
@@ -85,6 +88,9 @@ class LitMMQA(L.LightningModule):
         self.families = families
         self.dec_tok = decoder_tokenizer
         self.loss_weights = {t: float(loss_weights.get(t, 0.0)) for t in TASKS}
+        self.distiller = distiller  # a plain object: the teacher is not a submodule (not trained, not saved)
+        if distiller is not None:
+            self.loss_weights |= distiller.weights
         self.make_optimizer, self.make_scheduler = optimizer, scheduler
         self.generation = dict(generation)
         self.max_caption_eval_images = max_caption_eval_images
@@ -121,8 +127,14 @@ class LitMMQA(L.LightningModule):
             logits, _ = m.answer_logits(img, batch.q_img_idx, q)  # (Q, K)
             losses["vqa"] = summed_bce(logits, batch.vqa_targets)
             out["vqa_logits"] = logits
+        distill = self.distiller is not None and self.training
         if batch.num_captions and (w["caption"] > 0 or not self.training):
-            losses["caption"] = m.lm_loss(img, batch.c_img_idx, batch.c_dec_input_ids, batch.c_dec_attention_mask, batch.c_dec_labels)
+            caption = m.lm_loss(img, batch.c_img_idx, batch.c_dec_input_ids, batch.c_dec_attention_mask,
+                                batch.c_dec_labels, return_logits=distill)
+            if distill:
+                losses["caption"], out["caption_logits"] = caption  # (C, L, V) for the teacher's KL
+            else:
+                losses["caption"] = caption
         if batch.num_recipes and (w["recipe"] > 0 or not self.training):
             losses["recipe"] = m.lm_loss(img, batch.r_img_idx, batch.r_input_ids, batch.r_attention_mask, batch.r_labels)
         if m.ingredient_head is not None and batch.has_ingredients.any() and (w["ingredients"] > 0 or not self.training):
@@ -143,6 +155,8 @@ class LitMMQA(L.LightningModule):
             scale = m.contrastive.logit_scale.exp().clamp(max=100.0)
             losses["contrastive"] = self.clip_loss(pair_img, pair_txt, scale)
             out["img_emb"], out["txt_emb"] = img_emb, txt_emb
+        if distill:  # the teacher's answer and caption distributions, as well as the labels
+            losses |= self.distiller.losses(batch, out)
         return losses, out
 
     def total_loss(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -262,7 +262,7 @@ def test_breakdown_groups_by_family_and_phrasing_and_tabulates_confusion(tmp_pat
     given = {"what shape is the red object?": "square", "what shape is the blue object?": "square",
              "what colour is the circle?": "red", "is there a circle?": "no"}
     records = [ImageRecord(tmp_path / "a.png", "a", questions), ImageRecord(tmp_path / "a.png", "b", [])]
-    groups, confused = breakdown(records, lambda image, q: given[q], words=3, confusion="attribute")
+    groups, confused = breakdown(records, lambda image, qs: [given[q] for q in qs], words=3, confusion="attribute")
     assert groups["attribute"] == (2 / 3, 3)
     assert groups["attribute: what shape is"] == (0.5, 2)
     assert groups["attribute: what colour is"] == (1.0, 1)

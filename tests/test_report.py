@@ -212,7 +212,7 @@ EXPECTED_SWEEPS = {
 }
 
 
-SINGLE_RUNS = {"recipes"}  # presets that set up one task rather than a sweep (tests/test_recipes.py)
+SINGLE_RUNS = {"recipes", "distill"}  # presets that set up one task rather than a sweep (tests/test_recipes.py, tests/test_distill.py)
 
 
 def test_every_experiment_preset_is_tested():

@@ -78,6 +78,24 @@ def test_bundle_round_trip_gives_the_same_outputs(trained, tmp_path):
     assert torch.allclose(again.embed_image([image]), emb_i)
 
 
+def test_a_batch_of_questions_is_answered_as_one_at_a_time(trained):
+    from mmqa.errors import MMQAError
+
+    cfg, metrics, out = trained
+    bundle = Bundle.load(out / "bundle")
+    images = sorted((Path(cfg.paths.data_dir) / "shapes").glob("shapes-*/images/test_*.png"))[:3]
+    questions = ["what colour is the circle?", "how many squares are there?", "is there a red triangle?"]
+    batch = bundle.answer_batch(images, questions, return_attention=True)
+    for image, question, got in zip(images, questions, batch):
+        one = bundle.answer(image, question, return_attention=True)
+        assert got.answer == one.answer and [a for a, _ in got.top] == [a for a, _ in one.top]
+        assert [p for _, p in got.top] == pytest.approx([p for _, p in one.top], abs=1e-5)  # padding is masked
+        assert torch.allclose(got.attention, one.attention, atol=1e-5)
+    assert bundle.caption_batch(images) == [bundle.caption(im) for im in images]
+    with pytest.raises(MMQAError, match=r"answer_batch: 3 images but 2 questions"):
+        bundle.answer_batch(images, questions[:2])
+
+
 def test_broken_bundle_says_what_is_missing(trained, tmp_path):
     from mmqa.errors import MMQAError
 

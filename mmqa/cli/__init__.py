@@ -13,6 +13,7 @@ TOOLS = {
     "breakdown": "accuracy of a bundle by question family and phrasing, and answer confusions",
     "index": "embed a folder of images into a search index for the demo",
     "report": "the ablation report of one or more multirun folders",
+    "compress": "a cheaper copy of a bundle: int8, pruned (Hydra: bundle=... method=...)",
     "inspect": "attention maps of one question, and how faithful each map is (Hydra: bundle=... task=...)",
 }
 

@@ -2,7 +2,7 @@
 `python -m mmqa breakdown BUNDLE DATASET_DIR [--split test] [--words 3] [--confusion FAMILY] [--against SPLIT]`.
 
 Answers every question of a JSONL dataset split (the layout of data/README.md; the built-in worlds
-are written in it) with `Bundle.answer` and prints the official VQA accuracy (`vqa_score`) grouped
+are written in it) with `Bundle.answer_batch` (an image's questions in one batch) and prints the official VQA accuracy (`vqa_score`) grouped
 by question family and by the question's first `--words` words (which phrasings fail), the words of
 the questions that the model's tokenizer does not know (on `--split test_paraphrase`: which reworded
 questions it cannot read), then, for one family, which answer was given for which expected one (the
@@ -23,18 +23,18 @@ from mmqa.metrics.vqa import normalize_answer, vqa_score
 
 
 def breakdown(
-    records: Iterable[ImageRecord], answer: Callable[[object, str], str], words: int, confusion: str | None
+    records: Iterable[ImageRecord], answer: Callable[[object, list[str]], list[str]], words: int, confusion: str | None
 ) -> tuple[dict[str, tuple[float, int]], dict[str, Counter]]:
     """({group: (accuracy, questions)}, {expected answer: Counter(given answers)}) over every question;
-    groups are "family" and "family: first words"; the confusion is over `confusion`'s questions."""
+    `answer(image, questions)` answers all the questions of one image. Groups are "family" and
+    "family: first words"; the confusion is over `confusion`'s questions."""
     scores: dict[str, list[float]] = defaultdict(list)
     confused: dict[str, Counter] = defaultdict(Counter)
     for rec in records:
         if not rec.questions:
             continue
         image = load_image(rec.image)  # once per image, for all of its questions
-        for qa in rec.questions:
-            given = answer(image, qa.question)
+        for qa, given in zip(rec.questions, answer(image, [qa.question for qa in rec.questions])):
             score = vqa_score(given, qa.answers)
             family = qa.family or "all"
             scores[family].append(score)
@@ -77,7 +77,9 @@ def main(argv: list[str] | None = None) -> None:
     for split, read in ((args.split, records), (args.against, other)):
         if split and read is None:
             parser.error(f"{args.dataset} has no {split}.jsonl")
-    answer = lambda im, q: bundle.answer(im, q).answer  # noqa: E731
+    def answer(image, questions: list[str]) -> list[str]:
+        return [a.answer for a in bundle.answer_batch([image] * len(questions), questions)]
+
     groups, confused = breakdown(records, answer, args.words, args.confusion)
     print(f"{'group':<48} {'accuracy':>8} {'questions':>9}")
     for name, (acc, n) in groups.items():

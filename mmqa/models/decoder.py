@@ -60,14 +60,16 @@ class GPT2Decoder(nn.Module):
         input_ids: torch.Tensor,  # (C, L) bos + caption + eos, padded
         attention_mask: torch.Tensor,  # (C, L)
         labels: torch.Tensor,  # (C, L) input_ids with padding set to -100
-    ) -> torch.Tensor:
+        return_logits: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The LM loss; with `return_logits`, (loss, logits (C, L, V)) (distillation reads them)."""
         out = self.gpt2(
             input_ids=input_ids,
             attention_mask=attention_mask,
             encoder_hidden_states=self.context_proj(context),
             labels=labels,
         )
-        return out.loss
+        return (out.loss, out.logits) if return_logits else out.loss
 
     @torch.no_grad()
     def generate(

@@ -47,11 +47,11 @@ class Attention(nn.Module):
         context_idx: torch.Tensor | None = None,  # (Q,): query row i reads context row context_idx[i]
         layout: TokenLayout | None = None,  # token kinds of a self-attention sequence (sliding_window)
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        B, T, D = x.shape
-        h = self.heads
-        q = self.q_norm(self.q(x).view(B, T, h, D // h).transpose(1, 2))  # (B, h, T, d)
-        Bc = context.shape[0]
-        k, v = self.kv(context).view(Bc, -1, 2, h, D // h).permute(2, 0, 3, 1, 4)  # 2 x (Bc, h, N, d)
+        B, T, _ = x.shape
+        h = self.heads  # fewer than dim // head_dim once heads are pruned (mmqa/compress/prune.py)
+        q = self.q_norm(self.q(x).view(B, T, h, -1).transpose(1, 2))  # (B, h, T, d)
+        Bc, d = context.shape[0], q.shape[-1]
+        k, v = self.kv(context).view(Bc, -1, 2, h, d).permute(2, 0, 3, 1, 4)  # 2 x (Bc, h, N, d)
         k = self.k_norm(k)
         if context_idx is not None:
             # keys/values are projected once per image and gathered per question, not once per question
@@ -63,7 +63,7 @@ class Attention(nn.Module):
         else:
             drop = {"dropout_p": self.dropout} if self.training and self.dropout else {}
             y = self.attend(q, k, v, key_mask=context_mask, layout=layout, **drop)  # (B, h, T, d)
-        return self.out(y.transpose(1, 2).reshape(B, T, D)), weights
+        return self.out(y.transpose(1, 2).reshape(B, T, h * d)), weights
 
 
 class MLP(nn.Module):

@@ -136,8 +136,10 @@ class MMQAModel(nn.Module):
         input_ids: torch.Tensor,  # (C, L)
         attention_mask: torch.Tensor,  # (C, L)
         labels: torch.Tensor,  # (C, L), -100 on padding
-    ) -> torch.Tensor:
-        return self.decoder.loss(img.tokens[c_img_idx], input_ids, attention_mask, labels)
+        return_logits: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The LM loss; with `return_logits`, (loss, logits (C, L, V))."""
+        return self.decoder.loss(img.tokens[c_img_idx], input_ids, attention_mask, labels, return_logits)
 
     def generate(
         self, img: EncoderOutput, prompt_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **generate_kwargs

@@ -1,0 +1,126 @@
+"""What serving a bundle costs, for several bundles side by side (FP32 and its compressed copies):
+
+    python benchmarks/serving.py --bundles <run>/bundle <run>/bundle-int8 [--repeats 7] [--threads 2]
+                                 [--kernels fbgemm int_mm] [--evaluate] [--split test]
+
+Per bundle: the weights file's size, the parameters (int8 weights counted like any), the bytes of the
+Linear weights, and the median latency of `Bundle.answer_batch` (question + image -> answer) and of
+`Bundle.caption_batch` (greedy, KV cache, exactly `--new-tokens` new tokens) at batch 1 and 32, each
+after a warm-up, on `--threads` threads. `--kernels` times an int8 bundle once per INT8 kernel
+(mmqa/compress/int8.py). `--evaluate` adds test VQA, BLEU-4 and R@1 from `python -m mmqa evaluate`'s
+own code on the built-in data. Prints one Markdown table; ratios are against the first bundle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra import compose, initialize_config_dir
+from PIL import Image
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from mmqa.bundle import WEIGHTS, Bundle
+from mmqa.compress import steps_of
+from mmqa.compress.int8 import Int8Linear, set_kernel
+
+ROOT = Path(__file__).resolve().parents[1]
+QUESTION = "what colour is the circle?"
+
+
+def median_ms(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return 1000 * statistics.median(times)
+
+
+def sizes(bundle: Bundle, path: Path) -> dict:
+    """Parameters (an int8 layer's weight and bias count like an fp32 one's) and bytes."""
+    int8 = [m for m in bundle.model.modules() if isinstance(m, Int8Linear)]
+    params = sum(p.numel() for p in bundle.model.parameters())
+    params += sum(m.weight.numel() + (m.out_features if m.bias is not None else 0) for m in int8)
+    linear = sum(m.weight.numel() * m.weight.element_size() + (4 * m.out_features if isinstance(m, Int8Linear) else 0)
+                 for m in bundle.model.modules() if isinstance(m, (nn.Linear, Conv1D, Int8Linear)))
+    return {"file_mb": (path / WEIGHTS).stat().st_size / 1e6, "params_m": params / 1e6, "linear_mb": linear / 1e6}
+
+
+def latencies(bundle: Bundle, images: list[Image.Image], new_tokens: int, repeats: int) -> dict:
+    gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, num_beams=1, do_sample=False, use_cache=True)
+    out = {}
+    for b in (1, 32):
+        ims = images[:b]
+        out[f"answer_b{b}"] = median_ms(lambda: bundle.answer_batch(ims, [QUESTION] * b), repeats)
+        out[f"caption_b{b}"] = median_ms(lambda: bundle.caption_batch(ims, **gen), repeats)
+    return out
+
+
+def quality(path: Path, split: str) -> dict:
+    from mmqa.cli.evaluate import evaluate
+
+    with tempfile.TemporaryDirectory() as tmp, initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("evaluate", overrides=[f"bundle={path}", f"split={split}", f"paths.root_dir={ROOT}",
+                                             f"paths.data_dir={ROOT}/data", f"paths.output_dir={tmp}",
+                                             "trainer.enable_progress_bar=false"])
+        m = evaluate(cfg)
+    return {"vqa": m[f"{split}/vqa_acc"], "bleu4": m[f"{split}/bleu4"], "r1": m[f"{split}/r1_t2i"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bundles", nargs="+", required=True, type=Path)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--kernels", nargs="*", default=[], help="int8 bundles: time each of these kernels too")
+    ap.add_argument("--evaluate", action="store_true", help="add test VQA, BLEU-4 and R@1 (evaluate)")
+    ap.add_argument("--split", default="test")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
+          f"{torch.backends.cpu.get_cpu_capability()}; median of {args.repeats} after a warm-up\n")
+
+    rows = []
+    for path in args.bundles:
+        bundle = Bundle.load(path)
+        size = bundle.cfg.data.image_size
+        rng = np.random.default_rng(0)
+        images = [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(32)]
+        steps = "+".join(s.method for s in steps_of(bundle.cfg)) or "fp32"
+        has_int8 = any(isinstance(m, Int8Linear) for m in bundle.model.modules())
+        kernels = (args.kernels or ["auto"]) if has_int8 else [None]
+        scores = quality(path, args.split) if args.evaluate else {}
+        for kernel in kernels:
+            if kernel:
+                set_kernel(bundle.model, kernel)
+            name = f"{path.name} ({steps}{', ' + kernel if kernel and kernel != 'auto' else ''})"
+            rows.append({"name": name, **sizes(bundle, path), **latencies(bundle, images, args.new_tokens, args.repeats),
+                         **scores})
+            print(f"measured {name}", flush=True)
+
+    base = rows[0]
+    cols = ["answer_b1", "answer_b32", "caption_b1", "caption_b32"]
+    head = ("| bundle | file MB | params M | Linear MB | " + " | ".join(f"{c} ms" for c in cols)
+            + (" | test VQA | BLEU-4 | R@1 t→i" if args.evaluate else "") + " |")
+    print("\n" + head)
+    print("|" + " --- |" * (head.count("|") - 1))
+    for r in rows:
+        cells = [f"{r['file_mb']:.2f}", f"{r['params_m']:.3f}", f"{r['linear_mb']:.2f}"]
+        cells += [f"{r[c]:.1f} ({base[c] / r[c]:.2f}x)" for c in cols]
+        if args.evaluate:
+            cells += [f"{r['vqa']:.3f}", f"{r['bleu4']:.3f}", f"{r['r1']:.3f}"]
+        print(f"| {r['name']} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
