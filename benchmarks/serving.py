@@ -70,7 +70,7 @@ def quality(path: Path, split: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp, initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("evaluate", overrides=[f"bundle={path}", f"split={split}", f"paths.root_dir={ROOT}",
                                              f"paths.data_dir={ROOT}/data", f"paths.output_dir={tmp}",
-                                             "trainer.enable_progress_bar=false"])
+                                             "+trainer.enable_progress_bar=false"])
         m = evaluate(cfg)
     return {"vqa": m[f"{split}/vqa_acc"], "bleu4": m[f"{split}/bleu4"], "r1": m[f"{split}/r1_t2i"]}
 
@@ -103,7 +103,7 @@ def main() -> None:
         for kernel in kernels:
             if kernel:
                 set_kernel(bundle.model, kernel)
-            name = f"{path.name} ({steps}{', ' + kernel if kernel and kernel != 'auto' else ''})"
+            name = f"{path.parent.name}/{path.name} ({steps}{', ' + kernel if kernel and kernel != 'auto' else ''})"
             rows.append({"name": name, **sizes(bundle, path), **latencies(bundle, images, args.new_tokens, args.repeats),
                          **scores})
             print(f"measured {name}", flush=True)
