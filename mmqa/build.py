@@ -133,6 +133,20 @@ def load_teacher(cfg: DictConfig, dm: MMQADataModule):
     return teacher
 
 
+def first_batches(data_cfg: DictConfig, bundle, split: str, n: int) -> tuple[LitMMQA, list]:
+    """(an evaluation LitMMQA around `bundle`'s model, the first batches of `split` holding at least
+    `n` questions): what inspect and compress read a bundle's behaviour from."""
+    dm = data_for_bundle(data_cfg, bundle, split)
+    lit = build_lit_module(bundle.cfg, bundle.model, dm, split=split, train=False)
+    batches, seen = [], 0
+    for batch in dm.loader(split, train=False):
+        batches.append(batch)
+        seen += batch.num_questions
+        if seen >= n:
+            break
+    return lit, batches
+
+
 def test_split(trainer, lit: LitMMQA, dm: MMQADataModule, split: str, **test_kwargs) -> dict[str, float]:
     """Lightning's test loop on `split`, its metrics named after it ("test_paraphrase/vqa_acc"):
     the loop itself logs every split under "test/". `test_kwargs` go to `trainer.test` (ckpt_path)."""

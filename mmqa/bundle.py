@@ -178,23 +178,26 @@ class Bundle:
 
     @torch.no_grad()
     def answer_batch(self, images: list, questions: list[str], top_k: int = 5, return_attention: bool = False) -> list[Answer]:
-        """Answer `questions[i]` about `images[i]`, all in one batch (the images and questions each
-        encoded once, together)."""
-        if len(images) != len(questions):
-            raise MMQAError(f"answer_batch: {len(images)} images but {len(questions)} questions; give one image per question")
-        img = self.model.encode_images(self._images(images))  # tokens (B, N, D)
-        q = self._text(questions, self.cfg.data.max_question_length)  # tokens (B, T, D)
-        idx = torch.arange(len(questions), device=self.device)
-        logits, fused = self.model.answer_logits(img, idx, q, return_attention=return_attention)  # (B, K)
+        """Answer `questions[i]` about `images[i]`, or every question about `images[0]` when one image is
+        given, all in one batch: each image is encoded once, and each question reads its image's tokens."""
+        if len(images) not in (1, len(questions)):
+            raise MMQAError(f"answer_batch: {len(images)} images but {len(questions)} questions; give one image per "
+                            "question, or one image for all of them")
+        img = self.model.encode_images(self._images(images))  # tokens (B, N, D), B = 1 or Q
+        q = self._text(questions, self.cfg.data.max_question_length)  # tokens (Q, T, D)
+        idx = torch.arange(len(questions), device=self.device)  # (Q,) image row of each question
+        if len(images) == 1:
+            idx = torch.zeros_like(idx)
+        logits, fused = self.model.answer_logits(img, idx, q, return_attention=return_attention)  # (Q, K)
         probs = logits.sigmoid()  # soft-score BCE: independent per-answer probabilities
-        p, i = probs.topk(min(top_k, len(self.answers)), dim=-1)  # (B, k)
+        p, i = probs.topk(min(top_k, len(self.answers)), dim=-1)  # (Q, k)
         with self._tokenizer_lock:  # tokenizing resets the tokenizer's truncation state
             unknown = [unknown_words(self.text_tokenizer, question) for question in questions]
         out = []
         for b in range(len(questions)):
             top = [(self.answers[j], float(v)) for v, j in zip(p[b].tolist(), i[b].tolist())]
             attn = None
-            if fused.attention is not None:  # (B, h, T, N): the question's own tokens, averaged with the heads
+            if fused.attention is not None:  # (Q, h, T, N): the question's own tokens, averaged with the heads
                 g = self.model.grid
                 attn = fused.attention[b][:, q.mask[b]].mean(dim=(0, 1)).reshape(g, g).cpu()  # (g, g)
             out.append(Answer(answer=top[0][0], top=top, attention=attn, unknown=unknown[b]))

@@ -25,9 +25,9 @@ from mmqa.app import build_demo
 from mmqa.bundle import WEIGHTS, Bundle
 from mmqa.compress.int8 import Int8Linear, quantize_int8, quantize_weight, set_kernel
 from mmqa.build import build_lit_module
-from mmqa.compress.prune import ffn_layers, head_count, hidden_size, prunable, prune, rank_heads, rank_neurons
+from mmqa.compress.prune import ffn_layers, hidden_size, prunable, prune, rank_heads, rank_neurons
 from mmqa.errors import ConfigError, MMQAError
-from mmqa.inspect.capture import attention_modules, attention_site, stack_of
+from mmqa.inspect.capture import attention_modules, attention_site, head_count, stack_of
 from mmqa.inspect.heads import head_mask
 from mmqa.models.layers import MLP
 

@@ -91,6 +91,13 @@ def test_a_batch_of_questions_is_answered_as_one_at_a_time(trained):
         assert got.answer == one.answer and [a for a, _ in got.top] == [a for a, _ in one.top]
         assert [p for _, p in got.top] == pytest.approx([p for _, p in one.top], abs=1e-5)  # padding is masked
         assert torch.allclose(got.attention, one.attention, atol=1e-5)
+    # one image for every question: encoded once, the same answers as the image repeated
+    shared = bundle.answer_batch(images[:1], questions, return_attention=True)
+    repeated = bundle.answer_batch(images[:1] * 3, questions, return_attention=True)
+    for a, b in zip(shared, repeated):
+        assert [x for x, _ in a.top] == [x for x, _ in b.top]
+        assert [p for _, p in a.top] == pytest.approx([p for _, p in b.top], abs=1e-5)
+        assert torch.allclose(a.attention, b.attention, atol=1e-5)
     assert bundle.caption_batch(images) == [bundle.caption(im) for im in images]
     with pytest.raises(MMQAError, match=r"answer_batch: 3 images but 2 questions"):
         bundle.answer_batch(images, questions[:2])

@@ -2,7 +2,7 @@
 `python -m mmqa breakdown BUNDLE DATASET_DIR [--split test] [--words 3] [--confusion FAMILY] [--against SPLIT]`.
 
 Answers every question of a JSONL dataset split (the layout of data/README.md; the built-in worlds
-are written in it) with `Bundle.answer_batch` (an image's questions in one batch) and prints the official VQA accuracy (`vqa_score`) grouped
+are written in it) with `Bundle.answer_batch` (an image's questions in one batch, the image encoded once) and prints the official VQA accuracy (`vqa_score`) grouped
 by question family and by the question's first `--words` words (which phrasings fail), the words of
 the questions that the model's tokenizer does not know (on `--split test_paraphrase`: which reworded
 questions it cannot read), then, for one family, which answer was given for which expected one (the
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
         if split and read is None:
             parser.error(f"{args.dataset} has no {split}.jsonl")
     def answer(image, questions: list[str]) -> list[str]:
-        return [a.answer for a in bundle.answer_batch([image] * len(questions), questions)]
+        return [a.answer for a in bundle.answer_batch([image], questions)]  # the image encoded once
 
     groups, confused = breakdown(records, answer, args.words, args.confusion)
     print(f"{'group':<48} {'accuracy':>8} {'questions':>9}")

@@ -9,14 +9,13 @@ magnitude, removes them, then fine-tunes on the train split. Prints the sizes be
 
 from __future__ import annotations
 
-from itertools import islice
 from pathlib import Path
 
 import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from mmqa.build import build_lit_module, data_for_bundle
+from mmqa.build import build_lit_module, data_for_bundle, first_batches
 from mmqa.bundle import WEIGHTS, Bundle
 from mmqa.compress import check_method, record, steps_of
 from mmqa.compress.int8 import quantize_int8
@@ -41,14 +40,7 @@ def pruned(cfg: DictConfig, bundle: Bundle) -> dict:
         if not 0 <= cfg.prune[key] < 1:
             raise ConfigError(f"prune.{key}={cfg.prune[key]}: a share of the model to remove, in [0, 1)")
     model, before = bundle.model, parameters(bundle.model)
-    dm = data_for_bundle(cfg.data.copy(), bundle, "val")
-    lit = build_lit_module(bundle.cfg, model, dm, split="val", train=False)
-    batches, seen = [], 0
-    for batch in islice(dm.loader("val", train=False), 1000):  # whole batches until n questions
-        batches.append(batch)
-        seen += batch.num_questions
-        if seen >= cfg.prune.n:
-            break
+    lit, batches = first_batches(cfg.data.copy(), bundle, "val", cfg.prune.n)
     sites = {attention_site(n, m): n for n, m in attention_modules(model)}
     scores = {sites[s]: v for s, v in importance(lit, batches).items()}  # {path: (h,)}
     keep = rank_heads(scores, {p: stack_of(p) for p in scores}, cfg.prune.heads)

@@ -21,7 +21,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from mmqa.build import build_lit_module, data_for_bundle
+from mmqa.build import build_lit_module, data_for_bundle, first_batches
 from mmqa.bundle import Bundle
 from mmqa.data.images import load_image
 from mmqa.errors import ConfigError
@@ -35,19 +35,6 @@ TASKS = ("example", "faithfulness", "heads", "lens", "compare")
 def _questions(cfg: DictConfig, bundle: Bundle):
     records = data_for_bundle(cfg.data, bundle, cfg.split).load_records()[cfg.split]
     return islice(((r.image, qa.question) for r in records for qa in r.questions), cfg.n)
-
-
-def _batches(cfg: DictConfig, bundle: Bundle):
-    """(LitMMQA around the bundle's model, the split's first batches holding at least n questions)."""
-    dm = data_for_bundle(cfg.data, bundle, cfg.split)
-    lit = build_lit_module(bundle.cfg, bundle.model, dm, split=cfg.split, train=False)
-    batches, seen = [], 0
-    for batch in dm.loader(cfg.split, train=False):
-        batches.append(batch)
-        seen += batch.num_questions
-        if seen >= cfg.n:
-            break
-    return lit, batches
 
 
 def inspect(cfg: DictConfig) -> list[Path]:
@@ -65,7 +52,7 @@ def inspect(cfg: DictConfig) -> list[Path]:
         files = report.example_files(explain(bundle, image, cfg.question), image.resize((bundle.cfg.data.image_size,) * 2),
                                      cfg.question, caption_maps(bundle, image))
     elif cfg.task == "heads":
-        lit, batches = _batches(cfg, bundle)
+        lit, batches = first_batches(cfg.data, bundle, cfg.split, cfg.n)
         scores = heads.importance(lit, batches)
         curve = heads.pruning_curve(lit, batches, scores, list(cfg.fractions))
         files = report.heads_files(scores, curve, _command())
@@ -74,12 +61,12 @@ def inspect(cfg: DictConfig) -> list[Path]:
             raise ConfigError("task=compare needs bundle_b=<the second bundle>")
         other = Bundle.load(cfg.bundle_b)
         compare.check_comparable(bundle, other)
-        lit, batches = _batches(cfg, bundle)
+        lit, batches = first_batches(cfg.data, bundle, cfg.split, cfg.n)
         lit_b = build_lit_module(other.cfg, other.model, data_for_bundle(cfg.data, other, cfg.split), split=cfg.split,
                                  train=False)
         files = report.compare_files(compare.compare(lit, lit_b, batches, bundle.text_tokenizer), _command())
     elif cfg.task == "lens":
-        lit, batches = _batches(cfg, bundle)
+        lit, batches = first_batches(cfg.data, bundle, cfg.split, cfg.n)
         files = report.lens_files(lens.logit_lens(lit, batches), _command())
     else:
         if cfg.steps < 1 or cfg.n < 1:

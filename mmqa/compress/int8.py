@@ -111,9 +111,7 @@ def quantize_int8(model: nn.Module, kernel: str = "auto", empty: bool = False) -
     """Swap every Linear and Conv1D of `model` for an Int8Linear, in place; returns how many."""
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))]
     for name, module in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, Int8Linear.from_float(module, kernel, empty))
+        model.set_submodule(name, Int8Linear.from_float(module, kernel, empty))
     return len(targets)
 
 

@@ -23,6 +23,7 @@ from transformers.models.bert.modeling_bert import BertLayer, BertSelfAttention
 from transformers.models.gpt2.modeling_gpt2 import GPT2MLP, GPT2Attention
 from transformers.pytorch_utils import Conv1D
 
+from mmqa.inspect.capture import head_count
 from mmqa.models.layers import MLP, Attention
 from mmqa.models.vit_attention import TimmAttention
 
@@ -64,10 +65,6 @@ def _features(keep: list[int], heads: int, head_dim: int, groups: int = 1) -> to
 
 
 # ----------------------------------------------------------------------------- heads
-def head_count(module: nn.Module) -> int:
-    return next(getattr(module, a) for a in ("heads", "num_heads", "num_attention_heads") if hasattr(module, a))
-
-
 def _head_dim(module: nn.Module) -> int:
     if isinstance(module, Attention):
         return module.q.out_features // module.heads
@@ -139,15 +136,10 @@ def keep_neurons(model: nn.Module, path: str, keep: list[int]) -> None:
     if not keep:
         raise ValueError(f"{path}: an FFN needs at least one hidden unit")
     idx = torch.tensor(keep, dtype=torch.long)
-    _replace(m, first, _out_features(m.get_submodule(first), idx))
-    _replace(m, second, _in_features(m.get_submodule(second), idx))
+    m.set_submodule(first, _out_features(m.get_submodule(first), idx))
+    m.set_submodule(second, _in_features(m.get_submodule(second), idx))
     if isinstance(m, TimmMlp) and isinstance(m.norm, nn.LayerNorm):
         m.norm = _layer_norm(m.norm, idx)
-
-
-def _replace(root: nn.Module, path: str, new: nn.Module) -> None:
-    parent, _, child = path.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, new)
 
 
 # ----------------------------------------------------------------------------- the whole model
@@ -180,9 +172,9 @@ def rank_neurons(model: nn.Module, fraction: float) -> dict[str, list[int]]:
     keep = {}
     for path in prunable(model)[1]:
         m = model.get_submodule(path)
-        first, second = (m.get_submodule(p).weight.detach() for p in ffn_layers(m))
-        w_in = first.t() if isinstance(m.get_submodule(ffn_layers(m)[0]), Conv1D) else first  # (hidden, in)
-        w_out = second if isinstance(m.get_submodule(ffn_layers(m)[1]), Conv1D) else second.t()  # (hidden, out)
+        first, second = (m.get_submodule(p) for p in ffn_layers(m))
+        w_in = first.weight.detach().t() if isinstance(first, Conv1D) else first.weight.detach()  # (hidden, in)
+        w_out = second.weight.detach() if isinstance(second, Conv1D) else second.weight.detach().t()  # (hidden, out)
         score = w_in.norm(dim=1) * w_out.norm(dim=1)  # (hidden,)
         n = len(score) - round(fraction * len(score))
         keep[path] = score.topk(max(n, 1)).indices.tolist()

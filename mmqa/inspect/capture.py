@@ -89,6 +89,11 @@ def site_of(name: str, kind: str) -> str:
     return f"{stack}/{layer}/{kind}"
 
 
+def head_count(module: nn.Module) -> int:
+    """The number of heads of an attention module, under whichever name its library gives it."""
+    return next(getattr(module, a) for a in ("heads", "num_heads", "num_attention_heads") if hasattr(module, a))
+
+
 def attention_site(name: str, module: nn.Module) -> str:
     """The site of an attention module at path `name`: cross when it reads another sequence (mmqa's
     `cross_attn`, GPT-2's cross-attention), else self."""

@@ -17,14 +17,13 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
-from mmqa.inspect.capture import attention_modules, attention_site, intercept_attention
+from mmqa.inspect.capture import attention_modules, attention_site, head_count, intercept_attention
 from mmqa.metrics.vqa import VQAAccuracy
 
 
 def head_counts(model: nn.Module) -> dict[str, int]:
     """{site: number of heads} of every captured attention, in module order."""
-    return {attention_site(name, m): next(getattr(m, a) for a in ("heads", "num_heads", "num_attention_heads") if hasattr(m, a))
-            for name, m in attention_modules(model)}
+    return {attention_site(name, m): head_count(m) for name, m in attention_modules(model)}
 
 
 @contextlib.contextmanager
