@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 
 import mmqa.config_check  # noqa: F401 - registers conf/train.yaml's schema (train_schema) with Hydra
 from mmqa.compress.distill import Distiller
+from mmqa.compress.lora import adapt
 from mmqa.data.datamodule import SPLITS, MMQADataModule
 from mmqa.data.tokenizer import load_tokenizer, train_tokenizer
 from mmqa.errors import ConfigError
@@ -77,6 +78,7 @@ def build_lit_module(cfg: DictConfig, model: MMQAModel, dm: MMQADataModule, spli
         recipe=cfg.get("recipe"),
         concepts=dm.concepts,
         distiller=distiller,
+        lr_scale=cfg.get("lr_scale"),
     )
 
 
@@ -94,6 +96,7 @@ def build_experiment(cfg: DictConfig, assets: tuple | None = None) -> tuple[MMQA
         assets = (text_tok, dec_tok, dm.answer_vocab(), dm.ingredient_vocab())
     text_tok, dec_tok, answers, ingredients = assets
     model = build_model(cfg.model, len(answers), text_tok, dec_tok, len(ingredients))
+    adapt(model, cfg)  # frozen towers and LoRA adapters: how it trains (a bundle holds the merged model)
     # from the data each time (only the training-time concept head uses it); none when the loss is off
     concepts = dm.concept_vocab() if cfg.loss.concepts > 0 else []
     dm.attach(text_tok, dec_tok, answers, ingredients, concepts, normalization=model.image_encoder.normalization)

@@ -22,6 +22,7 @@ from safetensors.torch import load_model, save_model
 from mmqa.atomic import atomic_dir
 from mmqa.build import build_model
 from mmqa.compress import restructure
+from mmqa.compress.lora import ADAPTER, adapter_state, merged, save_adapter
 from mmqa.data.images import ImageTransform, load_image, to_rgb
 from mmqa.data.recipe_text import parse_recipe
 from mmqa.data.tokenizer import load_tokenizer, unknown_words
@@ -136,11 +137,15 @@ class Bundle:
 
     # ----------------------------------------------------------------------------- save / load
     def save(self, path: str | Path) -> Path:
-        """Write atomically: into a temporary sibling, then rename over `path`."""
+        """Write atomically: into a temporary sibling, then rename over `path`. A model trained with LoRA
+        is saved merged (the plain model the config builds) and its adapter alone beside it."""
         path = Path(path)
+        lora = bool(adapter_state(self.model))
         with atomic_dir(path) as tmp:
             write_assets(tmp, self.cfg, self.text_tokenizer, self.decoder_tokenizer, self.answers, self.ingredients)
-            save_model(self.model, str(tmp / WEIGHTS))  # handles GPT-2's tied embeddings
+            save_model(merged(self.model) if lora else self.model, str(tmp / WEIGHTS))  # handles GPT-2's tied embeddings
+            if lora:
+                save_adapter(self.model, self.cfg.lora, tmp / ADAPTER)
         return path
 
     @classmethod

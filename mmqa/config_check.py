@@ -76,6 +76,14 @@ class Distill:
 
 
 @dataclass
+class Lora:
+    r: int = MISSING
+    alpha: float = MISSING
+    dropout: float = MISSING
+    target: str = MISSING
+
+
+@dataclass
 class TrainConfig:
     """The top level of conf/train.yaml. The values live in the YAML files; this holds only names
     and types. Sections built with `_target_` are `Any` here: `check_config` checks them against
@@ -91,6 +99,9 @@ class TrainConfig:
     recipe: Recipe = field(default_factory=Recipe)
     loss: Loss = field(default_factory=Loss)
     distill: Distill = field(default_factory=Distill)
+    freeze: list[str] = MISSING
+    lr_scale: dict[str, float] = MISSING
+    lora: Lora = field(default_factory=Lora)
     data: Any = MISSING
     model: Any = MISSING
     optim: Any = MISSING
@@ -272,6 +283,12 @@ def _check_combinations(cfg: DictConfig, problems: list[str]) -> None:
     if "mean" in enc and "std" in enc:
         need(len(enc.mean) == 3 and len(enc.std) == 3 and all(s > 0 for s in enc.std),
              f"model.image_encoder.mean and .std need 3 values (R, G, B), std > 0; got {list(enc.mean)} and {list(enc.std)}")
+    for tower, scale in (cfg.get("lr_scale") or {}).items():
+        need(scale > 0, f"lr_scale.{tower} must be > 0 (freeze=[{tower}] keeps a tower as loaded), got {scale}")
+    lora = cfg.get("lora")
+    if lora is not None:
+        need(lora.r >= 0, f"lora.r must be >= 0 (0: no LoRA), got {lora.r}")
+        need(0 <= lora.dropout < 1, f"lora.dropout must be in [0, 1), got {lora.dropout}")
     need(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
     need(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
     need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"optim.betas needs two values in [0, 1), got {list(o.betas)}")

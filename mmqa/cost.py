@@ -6,12 +6,15 @@
   kernel's accumulations); this module registers the counter's own formulas for them, so every
   attention variant is counted, not some as zero;
 - `train/step_seconds`: the median wall time of a training step (forward, backward, optimiser),
-  measured by the `StepTimer` callback.
+  measured by the `StepTimer` callback;
+- `train/peak_rss_mb`: the training process's peak resident memory during the run (`PeakMemory`;
+  data-loader workers, separate processes, are not counted).
 """
 
 from __future__ import annotations
 
 import math
+import resource
 import statistics
 import time
 
@@ -76,3 +79,26 @@ class StepTimer(L.Callback):
     def median(self) -> float:
         timed = self.seconds[self.warmup:] or self.seconds
         return statistics.median(timed) if timed else float("nan")
+
+
+class PeakMemory:
+    """The process's peak resident memory from `start()` on. Linux keeps one peak per process, which
+    `/proc/self/clear_refs` resets, so that a run started in a process that ran others (a Hydra
+    multirun, tests) reports its own; elsewhere the peak is the process's since it began."""
+
+    STATUS, CLEAR = "/proc/self/status", "/proc/self/clear_refs"
+
+    def start(self) -> None:
+        try:
+            with open(self.CLEAR, "w") as f:
+                f.write("5")  # reset VmHWM to the current resident size
+        except OSError:
+            pass
+
+    def peak_mb(self) -> float:
+        try:
+            with open(self.STATUS) as f:
+                kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+        except (OSError, StopIteration):
+            kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux and BSD: KiB
+        return kib / 1024

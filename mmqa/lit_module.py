@@ -19,7 +19,7 @@ from transformers import get_cosine_schedule_with_warmup
 from mmqa.compress.distill import Distiller
 from mmqa.data.batch import Batch
 from mmqa.data.recipe_text import ingredient_names, parse_recipe
-from mmqa.errors import MMQAError
+from mmqa.errors import ConfigError, MMQAError
 from mmqa.metrics import CaptionScores, RetrievalRecall, VQAAccuracy
 from mmqa.metrics.ingredients import HallucinationRate, IngredientScores
 from mmqa.models.heads import PatchSetHead
@@ -71,6 +71,7 @@ class LitMMQA(L.LightningModule):
         recipe: dict | None = None,
         concepts: list[str] = (),
         distiller: Distiller | None = None,
+        lr_scale: dict[str, float] | None = None,
     ):
         """`optimizer` and `scheduler`: partials (`_partial_: true` in conf/optim/ and conf/scheduler/)
         completed in `configure_optimizers`; None for a module that only evaluates. `concepts`: the caption-word vocabulary of the concept loss (`mmqa.data.concepts`; no concept
@@ -78,7 +79,9 @@ class LitMMQA(L.LightningModule):
         vocabulary (empty without recipe data); `recipe`: the
         `ingredient_threshold`, `prompt_threshold`, `ban_absent_ingredients` and the recipe `generation`
         kwargs (conf/train.yaml). `distiller`: a teacher whose KL terms join the training losses
-        (mmqa/compress/distill.py), weighted by `distill` in conf/train.yaml."""
+        (mmqa/compress/distill.py), weighted by `distill` in conf/train.yaml. `lr_scale`: tower ->
+        factor on the learning rate of its own weights (a pretrained tower learns slower than the
+        new parts; LoRA adapters are new weights and keep the full rate)."""
         super().__init__()
         unknown = set(loss_weights) - set(TASKS)
         if unknown:
@@ -92,6 +95,7 @@ class LitMMQA(L.LightningModule):
         if distiller is not None:
             self.loss_weights |= distiller.weights
         self.make_optimizer, self.make_scheduler = optimizer, scheduler
+        self.lr_scale = dict(lr_scale or {})
         self.generation = dict(generation)
         self.max_caption_eval_images = max_caption_eval_images
         self.ingredients = list(ingredients)
@@ -268,11 +272,27 @@ class LitMMQA(L.LightningModule):
         if self.make_optimizer is None or self.make_scheduler is None:
             raise MMQAError("this LitMMQA was built to evaluate, without an optimizer and scheduler; "
                             "build it with mmqa.build.build_lit_module(cfg, model, dm, train=True)")
-        decay, no_decay = [], []
+        towers = [n for n, _ in self.model.named_children()]
+        for tower in self.lr_scale:
+            if tower not in towers:
+                raise ConfigError(f"lr_scale: {tower!r} is not a tower of the model; towers: {', '.join(towers)}")
+        groups: dict[tuple[float, bool], list] = {}  # (learning-rate factor, decayed) -> parameters
         for name, p in self.named_parameters():  # the model's and the concept head's
             if p.requires_grad:
+                parts = name.split(".")
+                scale = 1.0 if ".lora_" in name or parts[0] != "model" else self.lr_scale.get(parts[1], 1.0)
                 # norms, biases, embeddings' scalars and the temperature are not decayed
-                (no_decay if p.ndim < 2 else decay).append(p)
-        opt = self.make_optimizer(params=[{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
+                groups.setdefault((scale, p.ndim >= 2), []).append(p)
+        opt = self.make_optimizer(params=[{"params": ps, "lr_scale": scale} | ({} if decay else {"weight_decay": 0.0})
+                                          for (scale, decay), ps in sorted(groups.items(), key=_group_order)])
+        for group in opt.param_groups:  # before the schedule reads each group's base rate
+            group["lr"] *= group["lr_scale"]
         sched = self.make_scheduler(optimizer=opt, num_training_steps=self.trainer.estimated_stepping_batches)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def _group_order(item) -> tuple[bool, bool]:
+    """The full-rate groups first, decayed before not decayed: the two groups of a run without
+    `lr_scale`, in the order checkpoints of earlier runs stored them."""
+    (scale, decay), _ = item
+    return scale != 1.0, not decay

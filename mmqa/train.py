@@ -22,7 +22,7 @@ from mmqa.build import build_experiment, test_split
 from mmqa.bundle import Bundle, read_assets, write_assets
 from mmqa.checkpointing import AtomicCheckpointIO, RNGState, SaveOnSigterm
 from mmqa.config_check import check_config
-from mmqa.cost import StepTimer, gflops_per_image
+from mmqa.cost import PeakMemory, StepTimer, gflops_per_image
 from mmqa.data.datamodule import MMQADataModule
 from mmqa.errors import ConfigError
 
@@ -111,6 +111,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()])
 
+    memory = PeakMemory()
+    memory.start()
     start = time.perf_counter()
     try:
         trainer.fit(lit, datamodule=dm, ckpt_path=resume, weights_only=True)
@@ -134,7 +136,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
             "train/images_per_second": n_train * max(trainer.current_epoch, 1) / fit_s,
             "train/epochs": trainer.current_epoch,
             "train/step_seconds": timer.median(),
+            "train/peak_rss_mb": memory.peak_mb(),
             "model/parameters": sum(p.numel() for p in lit.model.parameters()),
+            "model/trainable_parameters": sum(p.numel() for p in lit.model.parameters() if p.requires_grad),
             "model/gflops_per_image": gflops_per_image(lit, next(iter(dm.loader("train", train=False)))),
         }
     )

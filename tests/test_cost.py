@@ -8,7 +8,7 @@ import functools
 import pytest
 import torch
 
-from mmqa.cost import StepTimer, count_flops, gflops_per_image
+from mmqa.cost import PeakMemory, StepTimer, count_flops, gflops_per_image
 from mmqa.models.attention import eager, sdpa, tiled
 
 
@@ -46,3 +46,16 @@ def test_step_timer_leaves_out_warmup_unless_that_is_all_there_is():
     assert timer.median() == 2.0
     timer.seconds = [9.0, 5.0]
     assert timer.median() == 7.0
+
+
+def test_peak_memory_counts_from_its_start_not_from_the_process_start():
+    memory = PeakMemory()
+    big = torch.ones(64 * 2**20)  # 256 MiB, written so that it is resident
+    held = memory.peak_mb()
+    del big
+    memory.start()
+    base = memory.peak_mb()
+    assert base < held - 200  # the earlier peak is forgotten
+    again = torch.ones(32 * 2**20)  # 128 MiB
+    assert memory.peak_mb() > base + 120
+    del again

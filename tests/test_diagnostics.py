@@ -283,7 +283,7 @@ def test_training_is_bit_identical_with_the_callback_on_and_off(tiny_cfg, tmp_pa
     off_weights = load_file(weights)
     on = train(tiny_cfg("callbacks=diagnostics", "callbacks.diagnostics.every_n_steps=1"))
     assert (tmp_path / "run" / "diagnostics" / "summary.md").is_file()  # the callback did run
-    timing = ("train/fit_seconds", "train/images_per_second", "train/step_seconds")
+    timing = ("train/fit_seconds", "train/images_per_second", "train/step_seconds", "train/peak_rss_mb")
     compared = [k for k in off if k not in timing]
     assert "test/vqa_acc" in compared and "val/vqa_loss" in compared
     assert {k: off[k] for k in compared} == {k: on[k] for k in compared}
