@@ -140,12 +140,12 @@ class Bundle:
         """Write atomically: into a temporary sibling, then rename over `path`. A model trained with LoRA
         is saved merged (the plain model the config builds) and its adapter alone beside it."""
         path = Path(path)
-        lora = bool(adapter_state(self.model))
+        adapter = adapter_state(self.model)  # {} without LoRA
         with atomic_dir(path) as tmp:
             write_assets(tmp, self.cfg, self.text_tokenizer, self.decoder_tokenizer, self.answers, self.ingredients)
-            save_model(merged(self.model) if lora else self.model, str(tmp / WEIGHTS))  # handles GPT-2's tied embeddings
-            if lora:
-                save_adapter(self.model, self.cfg.lora, tmp / ADAPTER)
+            save_model(merged(self.model) if adapter else self.model, str(tmp / WEIGHTS))  # handles GPT-2's tied embeddings
+            if adapter:
+                save_adapter(adapter, self.cfg.lora, tmp / ADAPTER)
         return path
 
     @classmethod

@@ -17,9 +17,10 @@ from open_clip.loss import ClipLoss
 from transformers import get_cosine_schedule_with_warmup
 
 from mmqa.compress.distill import Distiller
+from mmqa.compress.lora import check_towers
 from mmqa.data.batch import Batch
 from mmqa.data.recipe_text import ingredient_names, parse_recipe
-from mmqa.errors import ConfigError, MMQAError
+from mmqa.errors import MMQAError
 from mmqa.metrics import CaptionScores, RetrievalRecall, VQAAccuracy
 from mmqa.metrics.ingredients import HallucinationRate, IngredientScores
 from mmqa.models.heads import PatchSetHead
@@ -272,10 +273,7 @@ class LitMMQA(L.LightningModule):
         if self.make_optimizer is None or self.make_scheduler is None:
             raise MMQAError("this LitMMQA was built to evaluate, without an optimizer and scheduler; "
                             "build it with mmqa.build.build_lit_module(cfg, model, dm, train=True)")
-        towers = [n for n, _ in self.model.named_children()]
-        for tower in self.lr_scale:
-            if tower not in towers:
-                raise ConfigError(f"lr_scale: {tower!r} is not a tower of the model; towers: {', '.join(towers)}")
+        check_towers(self.model, self.lr_scale, "lr_scale")
         groups: dict[tuple[float, bool], list] = {}  # (learning-rate factor, decayed) -> parameters
         for name, p in self.named_parameters():  # the model's and the concept head's
             if p.requires_grad:

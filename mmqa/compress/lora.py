@@ -32,13 +32,19 @@ ADAPTER = "adapter.safetensors"  # in a bundle trained with LoRA
 LORA_KEYS = ("r", "alpha", "dropout", "target")  # what the adapter file's metadata records
 
 
+def check_towers(model: nn.Module, names, key: str) -> None:
+    """Refuse a name under config `key` (`freeze`, `lr_scale`) that is not a top-level child of `model`."""
+    towers = [n for n, _ in model.named_children()]
+    for name in names:
+        if name not in towers:
+            raise ConfigError(f"{key}: {name!r} is not a tower of the model; towers: {', '.join(towers)}")
+
+
 def freeze(model: nn.Module, towers: list[str]) -> None:
     """Keep the weights of each named tower as loaded (`freeze=[text_encoder]`)."""
+    check_towers(model, towers, "freeze")
     for tower in towers:
-        module = getattr(model, tower, None)
-        if not isinstance(module, nn.Module):
-            raise ConfigError(f"freeze: {tower!r} is not a tower of the model; towers: {', '.join(_towers(model))}")
-        module.requires_grad_(False)
+        model.get_submodule(tower).requires_grad_(False)
 
 
 def add_lora(model: nn.Module, r: int, alpha: float, dropout: float, target: str) -> list[str]:
@@ -93,10 +99,10 @@ def merged(model: nn.Module) -> nn.Module:
     return out
 
 
-def save_adapter(model: nn.Module, lora: DictConfig, path: Path) -> None:
-    """Write the adapter weights with the settings that rebuild them (safetensors metadata)."""
+def save_adapter(state: dict, lora: DictConfig, path: Path) -> None:
+    """Write adapter weights (`adapter_state`) with the settings that rebuild them (safetensors metadata)."""
     meta = {"lora": json.dumps({k: OmegaConf.select(lora, k) for k in LORA_KEYS})}
-    save_file(adapter_state(model), str(path), metadata=meta)
+    save_file(state, str(path), metadata=meta)
 
 
 def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
@@ -112,7 +118,3 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
         raise MMQAError(f"{path}: its adapter weights do not fit this model ({sorted(missing)[:3]} ...)")
     model.load_state_dict(state, strict=False)
     return merged(model)
-
-
-def _towers(model: nn.Module) -> list[str]:
-    return [n for n, _ in model.named_children()]
