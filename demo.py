@@ -18,6 +18,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from omegaconf import OmegaConf
+from PIL import Image
+
 from mmqa.app import build_demo, launch
 from mmqa.app.inputs import MAX_PIXELS
 from mmqa.app.serve import CONCURRENCY, HOST, MAX_FILE_SIZE, PORT, QUEUE_SIZE
@@ -64,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-file-size", default=MAX_FILE_SIZE, help="the largest upload (e.g. 50mb)")
     parser.add_argument("--queue-size", type=int, default=QUEUE_SIZE, help="requests that may wait at once")
     parser.add_argument("--concurrency", type=int, default=CONCURRENCY, help="model calls that may run at once")
+    parser.add_argument("--static-cache", action="store_true",
+                        help="captions decode with a static KV cache and a compiled step: greedy captions about 1.4x "
+                             "faster on a CPU, after a compile of about 20 s at start (and again for each new length)")
     args = parser.parse_args(argv)
     if args.clip and not args.clip_pretrained and not args.clip.startswith(("local-dir:", "hf-hub:")):
         parser.error("--clip needs --clip-pretrained (a randomly initialised CLIP finds nothing)")
@@ -83,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     except MMQAError as e:
         print(f"{e}. {TRAIN_HINT}", file=sys.stderr)
         return 2
+    if args.static_cache:
+        OmegaConf.update(bundle.cfg, "generation.cache_implementation", "static", force_add=True)
+        print("compiling the caption decoding step (static KV cache) ...", file=sys.stderr)
+        bundle.caption(Image.new("RGB", (bundle.cfg.data.image_size,) * 2))  # the first user does not wait for it
     try:
         towers = open_clip_towers(args.clip, args.clip_pretrained) if args.clip else None
         demo = build_demo(bundle, gallery=args.gallery, index_dir=args.index, towers=towers,

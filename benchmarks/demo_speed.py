@@ -64,7 +64,7 @@ def query_latency(bundle: Bundle, n: int, dim: int, use_faiss: bool, queries: in
     """(median ms of the text tower, median ms of the search) for one text query over n images."""
     gen = torch.Generator().manual_seed(n)
     index = ImageIndex([f"img{i}.png" for i in range(n)], torch.randn(n, dim, generator=gen),
-                       faiss_threshold=0 if use_faiss else n)
+                       search="flat" if use_faiss else "exact")
     project = torch.randn(bundle.embed_text([QUERY]).shape[-1], dim, generator=gen)  # (E, dim)
     index.search_text(torch.randn(dim), TOP_K)  # warm-up (builds the faiss index)
     encode, search = [], []

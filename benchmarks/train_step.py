@@ -1,9 +1,12 @@
 """Training-step speed of the default model per fusion variant on this machine's CPU (or GPU).
 
     python benchmarks/train_step.py [--steps 10] [--fusions cross early late] [override ...]
+    python benchmarks/train_step.py --profile [--steps 10] [--fusions cross]   # where a step's time goes
 
 Builds the default config (any Hydra override may follow), takes real batches of the built-in
-dataset, and times forward + backward + optimizer step; prints a Markdown table.
+dataset, and times forward + backward + optimizer step; prints a Markdown table. With `--profile`,
+`torch.profiler` records the steps with the loading of each batch, and prints the share of wall
+time in each phase (loading, losses, backward, optimiser) and the top operators by own CPU time.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.profiler import ProfilerActivity, profile, record_function
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
@@ -22,7 +26,7 @@ from mmqa.build import build_experiment
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def bench(fusion: str, steps: int, overrides: list[str]) -> dict:
+def bench(fusion: str, steps: int, overrides: list[str], profiled: bool = False) -> dict:
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=[f"model/fusion={fusion}", *overrides, f"paths.root_dir={ROOT}",
                                           f"paths.data_dir={ROOT}/data", "paths.output_dir=/tmp/mmqa-bench"])
@@ -33,27 +37,50 @@ def bench(fusion: str, steps: int, overrides: list[str]) -> dict:
     opt = instantiate(cfg.optim)(params=model.parameters())
     batches = iter(dm.loader("train", train=True))
     times, images, questions = [], 0, 0
+    prof = profile(activities=[ProfilerActivity.CPU]) if profiled else None
     for i in range(steps + 2):  # two warm-up steps
-        batch = next(batches)
+        if i == 2 and prof:
+            prof.start()
+        with record_function("phase: load a batch"):
+            batch = next(batches)
         t = time.perf_counter()
-        losses, _ = lit.compute_losses(batch)
-        lit.total_loss(losses).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        with record_function("phase: losses (forward)"):
+            losses, _ = lit.compute_losses(batch)
+        with record_function("phase: backward"):
+            lit.total_loss(losses).backward()
+        with record_function("phase: optimiser"):
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         if i >= 2:
             times.append(time.perf_counter() - t)
             images += len(batch.images)
             questions += batch.num_questions
+    if prof:
+        prof.stop()
+        print_profile(prof)
     s = sum(times)
     return dict(fusion=fusion, params=sum(p.numel() for p in model.parameters()) / 1e6,
                 step_ms=1000 * s / steps, images_s=images / s, questions_s=questions / s,
                 rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
 
 
+def print_profile(prof, top: int = 15) -> None:
+    """The phases' share of the profiled wall time, then the operators with the most own CPU time."""
+    events = prof.key_averages()
+    phases = {e.key: e.cpu_time_total for e in events if e.key.startswith("phase: ")}
+    total = sum(phases.values())
+    print("| phase | ms per step | share |\n| --- | --- | --- |")
+    for k, v in phases.items():
+        print(f"| {k[7:]} | {v / 1000 / max(e.count for e in events if e.key == k):.1f} | {v / total:.0%} |")
+    print()
+    print(events.table(sort_by="self_cpu_time_total", row_limit=top))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--fusions", nargs="+", default=["cross", "early", "late"])
+    ap.add_argument("--profile", action="store_true", help="torch.profiler: phases and top operators")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch of "
@@ -61,7 +88,7 @@ def main() -> None:
     print("| fusion | params (M) | step (ms) | images/s | questions/s | peak RSS (GB) |")
     print("| --- | --- | --- | --- | --- | --- |")
     for f in args.fusions:
-        r = bench(f, args.steps, args.overrides)
+        r = bench(f, args.steps, args.overrides, args.profile)
         print(f"| {r['fusion']} | {r['params']:.2f} | {r['step_ms']:.0f} | {r['images_s']:.1f} | "
               f"{r['questions_s']:.0f} | {r['rss_gb']:.2f} |", flush=True)
 

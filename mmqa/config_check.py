@@ -99,6 +99,7 @@ class TrainConfig:
     recipe: Recipe = field(default_factory=Recipe)
     loss: Loss = field(default_factory=Loss)
     distill: Distill = field(default_factory=Distill)
+    compile: bool = MISSING
     freeze: list[str] = MISSING
     lr_scale: dict[str, float] = MISSING
     lora: Lora = field(default_factory=Lora)

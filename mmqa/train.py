@@ -34,7 +34,7 @@ SKIPPED = "skipped.jsonl"  # with data.on_bad_sample=skip: one line per dropped 
 
 # Keys that may change between an interrupted run and its resumption (more epochs, another device,
 # other loggers) without making it a different experiment.
-NOT_IN_RUN_KEY = ("ckpt_path", "paths", "trainer", "logger", "callbacks")
+NOT_IN_RUN_KEY = ("ckpt_path", "paths", "trainer", "logger", "callbacks", "compile")
 
 
 def run_key(cfg: DictConfig) -> str:
@@ -100,6 +100,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     else:
         assets = None
     dm, lit = build_experiment(cfg, assets)
+    if cfg.compile:
+        lit.model.compile_towers()
     if rank_zero_only.rank == 0:
         (out / RUN_KEY).write_text(run_key(cfg))
         write_assets(out / "bundle", cfg, *dm.tokenizers, dm.answers, dm.ingredients)

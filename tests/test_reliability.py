@@ -178,7 +178,7 @@ def test_config_mistakes_are_all_listed_with_the_valid_keys(tiny_cfg, tmp_path):
         "model.fusion.deptth: unknown key (did you mean 'depth'?); mmqa.models.fusion.CrossFusion takes: dim, depth,",
         "generation.num_beam: not an option of transformers' generate (did you mean 'num_beams'?)",
         "loss.vqaa: unknown key (did you mean 'vqa'?); valid keys: caption, concepts, contrastive, ingredients, recipe, vqa",
-        "seeed: unknown key (did you mean 'seed'?); valid keys: callbacks, ckpt_path, data,",
+        "seeed: unknown key (did you mean 'seed'?); valid keys: callbacks, ckpt_path, compile, data,",
     ]:
         assert f"  - {expected}" in message, expected
 

@@ -1,8 +1,10 @@
 """The image index (`mmqa.image_index`) and its command (`python -m mmqa index build`): building skips and
 reports unreadable files, a saved index loads back identical, a stale one (another model, changed or
 other files, a damaged save) is rebuilt rather than searched, and search ranks by cosine — by the
-matrix product and, for large galleries, by faiss alike. A real open_clip model (a tiny randomly
-initialised one, saved to a file here) loads by path as the search towers."""
+matrix product and by faiss alike: IndexFlatIP exactly, IVF exactly when every list is probed, its
+nprobe tuned to the recall target, the kind chosen by size and kept through save and load. A real
+open_clip model (a tiny randomly initialised one, saved to a file here) loads by path as the search
+towers."""
 
 from __future__ import annotations
 
@@ -18,11 +20,24 @@ from conftest import compose_cfg
 from PIL import Image
 from safetensors.torch import save_file
 
+from mmqa import image_index
 from mmqa.bundle import Bundle
 from mmqa.cli.index import main as index_main
 from mmqa.errors import MMQAError
 from mmqa.image_index import (
-    EMBEDDINGS, INDEX_DIR, INDEX_JSON, ImageIndex, bundle_model_id, find_images, load_or_build, open_clip_towers,
+    EMBEDDINGS,
+    INDEX_DIR,
+    INDEX_JSON,
+    ImageIndex,
+    build_faiss_search,
+    bundle_model_id,
+    choose_search,
+    find_images,
+    ivf_lists,
+    load_or_build,
+    open_clip_towers,
+    recall_without_self,
+    tune,
 )
 
 # An open_clip CLIP small enough to build in a blink (1.6M parameters, most in the token embedding of
@@ -175,17 +190,154 @@ def test_search_ranks_by_cosine_on_hand_made_vectors():
         index.search_text(torch.tensor([1.0, 0.0]), 1)
 
 
-def test_faiss_gives_the_same_ranking_above_the_threshold():
+def clustered(n: int, dim: int, clusters: int, seed: int = 0) -> torch.Tensor:
+    """(n, dim) unit vectors around `clusters` random unit centres (noise of norm 0.7), seeded."""
+    gen = torch.Generator().manual_seed(seed)
+    centres = F.normalize(torch.randn(clusters, dim, generator=gen), dim=1)  # (C, dim)
+    noise = 0.7 * torch.randn(n, dim, generator=gen) / dim ** 0.5  # (n, dim)
+    return F.normalize(centres[torch.randint(0, clusters, (n,), generator=gen)] + noise, dim=1)
+
+
+def exact_top(emb: torch.Tensor, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    top = torch.topk(queries @ emb.T, k)  # (Q, k)
+    return top.values, top.indices
+
+
+def test_the_search_kind_is_chosen_by_size_and_can_be_forced(monkeypatch):
+    pytest.importorskip("faiss")
+    assert [choose_search(n, "auto", approx_threshold=100) for n in (1, 100, 101, 10**6)] == [
+        "exact", "exact", "ivf", "ivf"]
+    assert choose_search(50, "auto") == "exact" and choose_search(image_index.APPROX_THRESHOLD + 1) == "ivf"
+    assert [choose_search(10, kind) for kind in ("exact", "flat", "ivf", "hnsw")] == ["exact", "flat", "ivf", "hnsw"]
+    emb = F.normalize(torch.randn(101, 8, generator=torch.Generator().manual_seed(0)), dim=1)  # (101, 8)
+    paths = [f"img{i}" for i in range(101)]
+    assert ImageIndex(paths[:100], emb[:100], approx_threshold=100).search_kind == "exact"
+    assert ImageIndex(paths, emb, approx_threshold=100).search_kind == "ivf"
+    assert ImageIndex(paths, emb, approx_threshold=100, search="exact").search_kind == "exact"
+    with pytest.raises(MMQAError, match="search must be one of auto, exact, flat, ivf, hnsw, not 'annoy'"):
+        ImageIndex(paths, emb, search="annoy")
+
+    monkeypatch.setattr(image_index, "faiss_installed", lambda: False)  # as without the faiss extra
+    assert choose_search(10**6, "auto", approx_threshold=100) == "exact"
+    assert ImageIndex(paths, emb, approx_threshold=100).describe_search().endswith("faiss is not installed)")
+    with pytest.raises(MMQAError, match="search='ivf' needs faiss"):
+        choose_search(10, "ivf")
+
+
+def test_faiss_flat_gives_the_same_ranking_as_exact_search():
     pytest.importorskip("faiss")
     emb = F.normalize(torch.randn(200, 16, generator=torch.Generator().manual_seed(0)), dim=1)  # (200, 16)
     paths = [f"img{i}" for i in range(200)]
-    exact, flat = ImageIndex(paths, emb), ImageIndex(paths, emb, faiss_threshold=100)
-    assert not exact._use_faiss() and flat._use_faiss()
+    exact, flat = ImageIndex(paths, emb), ImageIndex(paths, emb, search="flat")
+    assert exact.search_kind == "exact" and flat.search_kind == "flat"
     for q in emb[:5]:
         a, b = exact.search_image(q, 10), flat.search_image(q, 10)
         assert [p for p, _ in a] == [p for p, _ in b]
         assert [s for _, s in a] == pytest.approx([s for _, s in b], abs=1e-5)
-        assert b[0][1] == pytest.approx(1.0, abs=1e-5)
+        assert b[0] == (paths[int(torch.argmax(emb @ q))], pytest.approx(1.0, abs=1e-5))
+    assert flat.describe_search() == f"faiss flat (built in {flat.faiss_search().build_s:.1f} s)"
+
+
+def test_ivf_probing_every_list_returns_exactly_what_exact_search_does():
+    pytest.importorskip("faiss")
+    emb = clustered(3000, 32, clusters=40)  # (3000, 32)
+    built = build_faiss_search(emb, "ivf")
+    nlist = built.params["nlist"]
+    assert nlist == ivf_lists(3000) == round(3000 ** 0.5) == 55  # sqrt(N); 3000 // 39 = 76 is no cap here
+    assert built.index.ntotal == 3000 and built.index.nlist == nlist
+    built.index.nprobe = nlist  # every list: an exhaustive search
+    queries = F.normalize(torch.randn(20, 32, generator=torch.Generator().manual_seed(1)), dim=1)  # (20, 32)
+    scores, ids = built.index.search(queries.numpy(), 10)  # (20, 10) each
+    exact_scores, exact_ids = exact_top(emb, queries, 10)
+    assert torch.equal(torch.from_numpy(ids), exact_ids)
+    assert torch.allclose(torch.from_numpy(scores), exact_scores, atol=1e-5)
+
+
+def test_ivf_is_tuned_to_the_recall_target_and_searched_through_the_index():
+    pytest.importorskip("faiss")
+    emb = clustered(3000, 32, clusters=40)  # (3000, 32)
+    paths = [f"img{i}" for i in range(3000)]
+    index = ImageIndex(paths, emb, approx_threshold=1000)
+    assert index.search_kind == "ivf" and "nlist=55, nprobe tuned; built on the first search" in index.describe_search()
+    hits = index.search_image(emb[7], 10)
+    built = index.faiss_search()
+    nprobe = built.params["nprobe"]
+    assert built.index.nprobe == nprobe < built.params["nlist"] and nprobe & (nprobe - 1) == 0  # a power of two
+    assert built.recall >= image_index.TUNE_RECALL
+    assert f"faiss ivf (nlist=55, nprobe={nprobe}, recall@10 {built.recall:.3f}" in index.describe_search()
+    assert hits[0] == ("img7", pytest.approx(1.0, abs=1e-5))
+    # the ranking it returns is faiss's at the tuned nprobe, and mostly exact search's (recall, not equality)
+    scores, ids = built.index.search(emb[7:8].numpy(), 10)
+    assert hits == [(paths[i], pytest.approx(s, abs=1e-6)) for s, i in zip(scores[0].tolist(), ids[0].tolist())]
+    noise = torch.randn(100, 32, generator=torch.Generator().manual_seed(2)) / 32 ** 0.5  # (100, 32), norm ~1
+    queries = F.normalize(emb[:100] + 0.3 * noise, dim=1)  # near gallery images, not in it
+    _, exact_ids = exact_top(emb, queries, 10)
+    found = torch.from_numpy(built.index.search(queries.numpy(), 10)[1])
+    assert recall_without_self(found, exact_ids, torch.full((100,), -1), 10) >= 0.9
+
+
+def test_tuning_picks_the_first_value_that_reaches_the_target():
+    emb = F.normalize(torch.randn(50, 8, generator=torch.Generator().manual_seed(0)), dim=1)  # (50, 8)
+    exact = torch.topk(emb @ emb.T, 11).indices.numpy()  # (50, 11): row i's own row first
+
+    class Fake:  # returns exact search's neighbours when value >= 4, the same minus one neighbour below
+        value = 0
+
+        def search(self, q, k):
+            rows = [int(np.argmax(emb.numpy() @ v)) for v in q]
+            ids = exact[rows][:, :k].copy()
+            if self.value < 4:
+                ids[:, -1] = -1
+            return None, ids
+
+    fake = Fake()
+    assert tune(fake, lambda v: setattr(fake, "value", v), [1, 2, 4, 8], emb, 0.95) == (4, 1.0)
+    assert tune(fake, lambda v: setattr(fake, "value", v), [1, 2], emb, 0.95) == (2, pytest.approx(0.9))
+    assert tune(fake, lambda v: setattr(fake, "value", v), [1, 2], emb, 0.9) == (1, pytest.approx(0.9))
+    # recall leaves each query's own row out: 1 of its 2 other nearest rows found
+    assert recall_without_self(torch.tensor([[0, 1, 2]]), torch.tensor([[0, 1, 3]]), torch.tensor([0]), 2) == 0.5
+    assert recall_without_self(torch.tensor([[5, 1]]), torch.tensor([[5, 0, 1]]), torch.tensor([0]), 2) == 1.0
+
+
+def test_an_index_that_misses_the_recall_target_is_dropped_for_exact_search(monkeypatch):
+    pytest.importorskip("faiss")
+    monkeypatch.setattr(image_index, "TUNE_RECALL", 1.01)  # unreachable
+    emb = clustered(2000, 16, clusters=20)  # (2000, 16)
+    paths = [f"img{i}" for i in range(2000)]
+    index, exact = ImageIndex(paths, emb, search="hnsw"), ImageIndex(paths, emb)
+    with pytest.warns(UserWarning, match=r"2000 images: hnsw \(M=32, efSearch=1024.*searched exactly instead"):
+        hits = index.search_text(emb[3], 10)
+    assert index.faiss_search().index is None and index.faiss_search().params["efSearch"] == 1024
+    assert hits == exact.search_text(emb[3], 10)
+
+
+def test_a_saved_and_loaded_index_keeps_its_search_and_searches_the_same(tmp_path):
+    pytest.importorskip("faiss")
+    emb = clustered(3000, 32, clusters=40)  # (3000, 32)
+    paths = [f"img{i}" for i in range(3000)]
+    index = ImageIndex(paths, emb, "m", sources=[("a", 1, 1)], search="ivf")
+    queries = F.normalize(torch.randn(5, 32, generator=torch.Generator().manual_seed(3)), dim=1)  # (5, 32)
+    before = [index.search_text(q, 10) for q in queries]
+    index.save(tmp_path / "idx")
+    assert json.loads((tmp_path / "idx" / INDEX_JSON).read_text())["search"] == "ivf"
+    back = ImageIndex.load(tmp_path / "idx")
+    assert back.search == "ivf" and back._faiss is None  # rebuilt (seeded) on its first search
+    after = [back.search_text(q, 10) for q in queries]  # the same images; scores to float rounding (renormalised)
+    assert [[p for p, _ in hits] for hits in after] == [[p for p, _ in hits] for hits in before]
+    assert [s for hits in after for _, s in hits] == pytest.approx([s for hits in before for _, s in hits], abs=1e-6)
+    assert back.faiss_search().params == index.faiss_search().params
+    assert ImageIndex.load(tmp_path / "idx", search="exact").search_kind == "exact"  # a caller may override it
+
+
+def test_load_or_build_keeps_the_search_the_saved_index_records(gallery, tmp_path):
+    embed, where = PixelEmbedder(), tmp_path / "idx"
+    assert load_or_build("m1", embed, gallery, where, progress=False).search == "auto"
+    assert load_or_build("m1", embed, gallery, where, progress=False, search="exact").search == "exact"
+    assert ImageIndex.load(where).search == "auto"  # reused as it is on disk: only searched otherwise
+    load_or_build("m2", embed, gallery, where, progress=False, search="exact")  # rebuilt: recorded
+    assert ImageIndex.load(where).search == "exact"
+    rebuilt = load_or_build("m3", embed, gallery, where, progress=False)  # rebuilt again, kind kept
+    assert rebuilt.search == "exact" and ImageIndex.load(where).search == "exact"
 
 
 def test_an_image_query_finds_its_own_image_first(gallery):
@@ -277,8 +429,17 @@ def test_the_index_command_embeds_with_an_open_clip_model(gallery, tmp_path, cap
     folder = gallery[0].parent
     assert index_main(["build", "--clip", str(config), "--clip-pretrained", str(weights), "--images", str(folder),
                        "--no-progress"]) == 0
-    assert "indexed 7 images (16-d embeddings)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "indexed 7 images (16-d embeddings)" in out
+    assert "search: exact (matrix product and top-k) (by size, exact up to 100,000 images)" in out
     towers = open_clip_towers(str(config), str(weights))
     index = ImageIndex.load(folder / INDEX_DIR)
     assert index.is_current(towers.model_id, find_images(folder))  # what demo.py --clip reuses
     assert torch.allclose(index.embeddings, towers.embed_image(gallery), atol=1e-5)
+
+    pytest.importorskip("faiss")
+    assert index_main(["build", "--clip", str(config), "--clip-pretrained", str(weights), "--images", str(folder),
+                       "--no-progress", "--search", "hnsw"]) == 0
+    assert ("search: faiss hnsw (HNSW-Flat, M=32, efSearch tuned; built on the first search) (as --search asks)"
+            in capsys.readouterr().out)
+    assert ImageIndex.load(folder / INDEX_DIR).search == "hnsw"

@@ -1,12 +1,18 @@
 """The caption / recipe decoder: transformers' `GPT2LMHeadModel` with cross-attention layers that
 read the image tokens. Training uses GPT-2's own shifted LM loss (labels of -100 are ignored);
-generation goes through transformers' `generate` (greedy, beam search, sampling, KV cache)."""
+generation goes through transformers' `generate` (greedy, beam search, sampling, KV cache).
+
+`cache_implementation="static"` (a `generate` option, so a `generation` key of the config) preallocates
+the KV cache, and transformers then compiles the decoding step with `torch.compile` — on CUDA only,
+by its own rule; here on every device, as each step's Python overhead is most of a small decoder's
+time on a CPU (`disable_compile=True` keeps the static cache uncompiled). Compiling takes seconds on
+the first call for each batch size and length; later calls reuse it."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import CompileConfig, GPT2Config, GPT2LMHeadModel
 
 from mmqa.models.pretrained import load_pretrained
 
@@ -80,6 +86,8 @@ class GPT2Decoder(nn.Module):
         **generate_kwargs,
     ) -> torch.Tensor:
         """context (B, N, Dc), prompt_ids (B, P), left-padded where the mask (B, P) is 0 -> ids (B, P + new)."""
+        if generate_kwargs.get("cache_implementation") == "static" and "compile_config" not in generate_kwargs:
+            generate_kwargs["compile_config"] = compile_everywhere(self.gpt2.device.type)
         return self.gpt2.generate(
             input_ids=prompt_ids,
             attention_mask=torch.ones_like(prompt_ids) if attention_mask is None else attention_mask,
@@ -88,3 +96,12 @@ class GPT2Decoder(nn.Module):
             eos_token_id=self.gpt2.config.eos_token_id,
             **generate_kwargs,
         )
+
+
+def compile_everywhere(device: str) -> CompileConfig:
+    """transformers' compile settings for a static-cache decoding step, on any device: one graph per
+    shape (`dynamic=False`: a static cache fixes them), inductor's default mode (its CUDA-graph
+    "reduce-overhead" default has nothing to capture on a CPU)."""
+    config = CompileConfig(dynamic=False, mode="reduce-overhead" if device == "cuda" else "default")
+    config._compile_all_devices = True  # transformers' own switch past its CUDA-only rule
+    return config

@@ -94,6 +94,14 @@ class MMQAModel(nn.Module):
             plan += f"; QK-layernorm everywhere ({add_qk_norm(self)} transformers attention modules wrapped)"
         log.info(plan)
 
+    def compile_towers(self) -> None:
+        """`torch.compile` the image encoder, text encoder and fusion in place (`nn.Module.compile`:
+        the weights keep their names, so checkpoints and bundles are unchanged). The decoder stays
+        eager: transformers' `generate` calls the same module, and compiles its own decoding step
+        with a static cache (`GPT2Decoder.generate`)."""
+        for tower in (self.image_encoder, self.text_encoder, self.fusion):
+            tower.compile()
+
     @property
     def grid(self) -> int:
         """Patches per image side, to lay attention maps over the image."""
