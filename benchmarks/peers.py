@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 import transformers
 from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
@@ -78,7 +79,7 @@ def build(size: str, device: str) -> tuple:
     enc = cfg.model.image_encoder
     # the caption path, stem off: the same ViT as VED's
     plain = copy.deepcopy(lit.model)
-    plain.image_encoder = type(plain.image_encoder)(**{**_encoder_kwargs(enc), "stem_channels": None})
+    plain.image_encoder = instantiate(enc, stem_channels=None)
     with torch.no_grad():  # the two projections between ViT and GPT-2 become identities, as VED has none
         plain.decoder.context_proj.weight.copy_(torch.eye(plain.decoder.context_proj.out_features))
         plain.decoder.context_proj.bias.zero_()
@@ -91,12 +92,6 @@ def build(size: str, device: str) -> tuple:
     ved.config.decoder_start_token_id = plain.decoder.gpt2.config.bos_token_id
     ved.config.pad_token_id = plain.decoder.gpt2.config.pad_token_id
     return lit.to(device), move_data_to_device(batch, device), plain.to(device), ved.to(device)
-
-
-def _encoder_kwargs(enc) -> dict:
-    keys = ["image_size", "patch_size", "width", "depth", "heads", "mlp_ratio", "drop_path", "mean", "std",
-            "stem_channels", "stem_strides", "name", "pretrained", "qk_norm", "reg_tokens"]
-    return {k: enc[k] for k in keys}
 
 
 def vit_like(vit, enc) -> ViTModel:

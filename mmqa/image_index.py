@@ -189,11 +189,15 @@ def faiss_installed() -> bool:
     return importlib.util.find_spec("faiss") is not None
 
 
+def check_search_kind(search: str) -> None:
+    if search not in SEARCH_KINDS:
+        raise MMQAError(f"search must be one of {', '.join(SEARCH_KINDS)}, not {search!r}")
+
+
 def choose_search(n: int, search: str = "auto", approx_threshold: int = APPROX_THRESHOLD) -> str:
     """The kind of search a gallery of `n` images gets: `search` itself unless "auto"; for "auto",
     "exact" up to `approx_threshold` images and "ivf" above it (still "exact" without faiss)."""
-    if search not in SEARCH_KINDS:
-        raise MMQAError(f"search must be one of {', '.join(SEARCH_KINDS)}, not {search!r}")
+    check_search_kind(search)
     if search == "auto":
         return "ivf" if n > approx_threshold and faiss_installed() else "exact"
     if search != "exact" and not faiss_installed():
@@ -311,8 +315,7 @@ class ImageIndex:
         self.model_id = model_id
         self.sources = [tuple(s) for s in sources]
         self.skipped = [tuple(s) for s in skipped]
-        if search not in SEARCH_KINDS:
-            raise MMQAError(f"search must be one of {', '.join(SEARCH_KINDS)}, not {search!r}")
+        check_search_kind(search)
         self.search, self.approx_threshold = search, approx_threshold
         self._faiss: FaissSearch | None = None  # built on the first search that needs it
         self._faiss_lock = threading.Lock()  # concurrent first searches (the demo's queue) build it once
@@ -465,7 +468,7 @@ class ImageIndex:
     def faiss_search(self) -> FaissSearch:
         """The faiss index this gallery's search kind uses, built (and tuned) on the first call."""
         with self._faiss_lock:
-            if self._faiss is None or self._faiss.kind != self.search_kind:
+            if self._faiss is None:  # an index's kind is fixed: its size and `search` never change
                 self._faiss = build_faiss_search(self.embeddings, self.search_kind, TUNE_RECALL)
                 if self._faiss.recall is not None and self._faiss.recall < TUNE_RECALL:
                     self._faiss.index = None  # no faster than exact search at that recall: freed
