@@ -4,6 +4,7 @@ hand-made datasets; every bad input must name its file and line (or entry)."""
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -92,7 +93,8 @@ def test_missing_split_file_is_none_and_missing_root_is_an_error(root, tmp_path)
 ])
 def test_each_bad_line_names_file_line_and_problem(root, line, problem):
     path = write_jsonl(root, "train", [{"image": "images/a.png", "captions": ["fine"]}, "", line])
-    with pytest.raises(DataError, match=f"^{re.escape(str(path.resolve()))}:3: {problem}$"):
+    go_on = r"; data\.on_bad_sample=skip drops such samples and goes on"  # the option that lets the user go on
+    with pytest.raises(DataError, match=f"^{re.escape(str(path.resolve()))}:3: {problem}{go_on}$"):
         JsonlReader(root).read("train")
 
 
@@ -118,6 +120,39 @@ def test_image_check_can_be_turned_off_and_empty_files_are_errors(root):
 
 def records(n: int) -> list[ImageRecord]:
     return [ImageRecord(image=Path(f"/x/{i}.png"), id=f"{i}.png") for i in range(n)]
+
+
+QA_A = {"image": "images/a.png", "question": "what colour?", "answers": ["red"]}
+
+
+def test_identical_repeats_load_once_and_are_counted_in_one_log_line(root, caplog):
+    caplog.set_level(logging.INFO, logger="mmqa")
+    rows = [QA_A, {"image": "images/b.png", "question": "what colour?", "answers": ["blue"]}]  # b: another image
+    path = write_jsonl(root, "train", rows + [QA_A] * 5000 + [{**QA_A, "question_id": 7}, {**QA_A, "question_id": 7}])
+    a, b = JsonlReader(root).read("train")
+    # the 5000 copies are one question; a question_id makes its own identity, repeated once
+    assert [(qa.question, qa.answers, qa.extra) for qa in a.questions] == [
+        ("what colour?", ["red"], {}), ("what colour?", ["red"], {"question_id": 7})]
+    assert [qa.answers for qa in b.questions] == [["blue"]]
+    said = [r.getMessage() for r in caplog.records if "repeat" in r.getMessage()]
+    assert said == [f"{path.resolve()}: 5001 repeat(s) of an earlier line's question about the same image, "
+                    "each question kept once"]
+
+
+def test_a_repeat_with_other_answers_is_a_conflict_unless_lines_are_annotators(root):
+    path = write_jsonl(root, "train", [QA_A, {**QA_A, "answers": ["pink"]}, {**QA_A, "answers": ["red"]}])
+    with pytest.raises(DataError, match=re.escape(
+            f"{path.resolve()}:2: conflicting repeat of line 1: 'what colour?' about images/a.png has answers "
+            "['pink'] here and ['red'] there; data.reader.repeated_questions=annotators reads each line as one "
+            "more annotator, data.on_bad_sample=skip keeps the first") + "$"):
+        JsonlReader(root).read("train")
+    skipped = []
+    (a,) = JsonlReader(root).read("train", on_bad=lambda where, e: skipped.append(where))
+    assert [qa.answers for qa in a.questions] == [["red"]] and skipped == [f"{path.resolve()}:2"]
+    (a,) = JsonlReader(root, repeated_questions="annotators").read("train")
+    assert [qa.answers for qa in a.questions] == [["red", "pink", "red"]]  # three annotators of one question
+    with pytest.raises(ConfigError, match=r"data\.reader\.repeated_questions='twice' is not an option; valid: once"):
+        JsonlReader(root, repeated_questions="twice")
 
 
 def test_split_by_image_is_seeded_disjoint_and_ordered():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -22,6 +23,7 @@ from mmqa.config_check import check_config
 from mmqa.data.datamodule import MMQADataModule
 from mmqa.data.images import load_image
 from mmqa.data.readers.jsonl import JsonlReader
+from mmqa.data.validate import SkipLog
 from mmqa.data.tokenizer import train_tokenizer
 from mmqa.errors import ConfigError, DataError, MMQAError
 from mmqa.train import RUN_KEY, run_key, train
@@ -80,8 +82,9 @@ def messy_dataset(tmp_path) -> Path:
     lines += [b'{"image": "images/ok0.png", "question": "q?",',           # 21: malformed JSON
               b'{"question": "what?", "answers": ["x"]}',                # 22: no image
               line("images/missing.png", 5).encode(),                      # 23: image path not on disk
-              line("images/ok1.png", 1).encode(),                          # 24: duplicate of line 2
-              '{"image": "images/ok2.png", "captions": ["caf\u00e9"]}'.encode("latin-1")]  # 25: not UTF-8
+              line("images/ok1.png", 1).replace('"a1"', '"a2"').encode(),  # 24: line 2 with another answer
+              '{"image": "images/ok2.png", "captions": ["caf\u00e9"]}'.encode("latin-1"),  # 25: not UTF-8
+              line("images/ok1.png", 1).encode()]                          # 26: line 2 again: kept once
     (root / "train.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     return root
 
@@ -117,6 +120,7 @@ def test_each_unreadable_image_names_its_manifest_line_and_file(tmp_path, name):
 
 
 def test_skip_trains_on_the_rest_and_lists_what_it_dropped(messy_dataset, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="mmqa")
     out = tmp_path / "run"
     metrics = train(jsonl_cfg(messy_dataset, out, "data.on_bad_sample=skip", "data.val_fraction=0.25"))
     assert 0 <= metrics["val/vqa_acc"] <= 1 and (out / "bundle" / "model.safetensors").is_file()
@@ -127,14 +131,34 @@ def test_skip_trains_on_the_rest_and_lists_what_it_dropped(messy_dataset, tmp_pa
     assert by_line[21].startswith("malformed JSON")
     assert by_line[22] == "missing required key 'image'"
     assert by_line[23].startswith("image not found: ")
-    assert by_line[24] == "duplicate question 'what is 1?' about images/ok1.png (first at line 2)"
+    assert by_line[24].startswith("conflicting repeat of line 2: 'what is 1?' about images/ok1.png has answers "
+                                  "['a2'] here and ['a1'] there; data.reader.repeated_questions=annotators")
     assert by_line[25].startswith("line is not valid UTF-8")
     assert {s["split"] for s in skipped} == {"train"}
     assert "skipped 9 bad samples: 4 not a readable image" in caplog.text
+    assert "train.jsonl: 1 repeat(s) of an earlier line's question about the same image, each question kept once" \
+        in caplog.text
     # the four odd-mode images are trained on, not dropped
     records = datamodule(messy_dataset, "skip").load_records()
     kept = {r.id for split in ("train", "val") for r in records[split]}
     assert kept == {f"images/ok{i}.png" for i in range(12)} | set(ODD_MODES)
+    ok1 = next(r for split in ("train", "val") for r in records[split] if r.id == "images/ok1.png")
+    assert [qa.answers for qa in ok1.questions] == [["a1"]]  # line 26 kept once, line 24 dropped
+
+
+def test_the_skip_summary_stays_one_short_line_for_ten_thousand_samples(tmp_path):
+    log = SkipLog("skip")
+    for i in range(10_000):
+        where = f"{tmp_path}/train.jsonl:{i + 2}"
+        problem = (f"conflicting repeat of line {i + 1}: 'what is {i}?' about images/{i}.png has answers ['a'] "
+                   "here and ['b'] there" if i % 4 else f"image not found: {tmp_path}/images/{i}.png")
+        log.add("train", where, DataError(f"{where}: {problem}"))
+    summary = log.summary()
+    assert len(summary) < 300, summary
+    assert summary.startswith("skipped 10000 bad samples: 7500 conflicting repeat of line, 2500 image not found; "
+                              "first: train.jsonl:2 (image not found: ")
+    log.write(tmp_path / "skipped.jsonl")  # the full list stays in the file
+    assert len((tmp_path / "skipped.jsonl").read_text().splitlines()) == 10_000
 
 
 def test_odd_modes_become_rgb():

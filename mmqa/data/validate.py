@@ -20,12 +20,13 @@ from pathlib import Path
 
 from mmqa.atomic import write_atomic
 from mmqa.data.images import load_image
-from mmqa.data.readers.base import OnBad
+from mmqa.data.readers.base import SKIP_HINT, OnBad
 from mmqa.data.records import ImageRecord
 from mmqa.errors import ConfigError, DataError
 
 ON_BAD_SAMPLE = ("raise", "skip")
 CHECK_DRAFT_SIZE = 32  # JPEGs are checked at a reduced scale of at least this many pixels a side
+SUMMARY_KINDS, SUMMARY_EXAMPLES, SUMMARY_CHARS = 4, 2, 80  # the log's skip summary stays a line
 
 
 @dataclass
@@ -56,9 +57,15 @@ class SkipLog:
         self.skipped.append(Skipped(split, where, problem))
 
     def summary(self) -> str:
-        """E.g. "skipped 3 bad samples: 2 not a readable image, 1 malformed JSON"."""
-        kinds = Counter(_kind(s.problem) for s in self.skipped)
-        return f"skipped {len(self.skipped)} bad samples: " + ", ".join(f"{n} {k}" for k, n in kinds.most_common())
+        """Short whatever the count: e.g. "skipped 3 bad samples: 2 not a readable image, 1 malformed JSON;
+        first: train.jsonl:4 (not a readable image ...)". At most `SUMMARY_KINDS` kinds and
+        `SUMMARY_EXAMPLES` examples, each cut to `SUMMARY_CHARS`; the full list is `write`'s file."""
+        kinds = Counter(_kind(s.problem) for s in self.skipped).most_common()
+        named = ", ".join(f"{n} {k}" for k, n in kinds[:SUMMARY_KINDS])
+        if len(kinds) > SUMMARY_KINDS:
+            named += f", {sum(n for _, n in kinds[SUMMARY_KINDS:])} of {len(kinds) - SUMMARY_KINDS} other kinds"
+        examples = "; ".join(_cut(f"{Path(s.where).name} ({s.problem})") for s in self.skipped[:SUMMARY_EXAMPLES])
+        return f"skipped {len(self.skipped)} bad samples: {named}; first: {examples}"
 
     def write(self, path: Path) -> None:
         """One JSON object per skipped sample (split, where, problem), written atomically."""
@@ -66,9 +73,14 @@ class SkipLog:
 
 
 def _kind(problem: str) -> str:
-    """The problem without its particulars: the text before the first ':' or '(', paths dropped."""
-    problem = re.sub(r"^\S*/\S*: ", "", problem)  # "/data/images/x.png: not a readable image (...)"
-    return re.split(r"[:(]", problem, maxsplit=1)[0].strip()
+    """The problem without its particulars: quoted text (a key name stays), paths and numbers dropped,
+    then the text before the first ':', '(' or '[' ("conflicting repeat of line", "malformed JSON")."""
+    problem = re.sub(r"'(?![\w.]+')[^']*'|\"[^\"]*\"|[^\s:]*/[^\s:]*|(?<![\w-])\d+", "", problem).lstrip(": ")
+    return " ".join(re.split(r"[:(\[]", problem, maxsplit=1)[0].split())
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= SUMMARY_CHARS else text[: SUMMARY_CHARS - 1] + "…"
 
 
 def check_images(records: dict[str, list[ImageRecord]], log: SkipLog) -> dict[str, list[ImageRecord]]:
@@ -84,7 +96,7 @@ def check_images(records: dict[str, list[ImageRecord]], log: SkipLog) -> dict[st
     if log.mode == "raise":
         _, r = bad[0]
         more = f" (and {len(problems) - 1} more unreadable images)" if len(problems) > 1 else ""
-        raise DataError(f"{r.source}: {problems[r.image]}{more}; data.on_bad_sample=skip trains without them")
+        raise DataError(f"{r.source}: {problems[r.image]}{more}; {SKIP_HINT} trains without them")
     for split, r in bad:
         log.skipped.append(Skipped(split, r.source, problems[r.image]))
     return {split: [r for r in recs if r.image not in problems] for split, recs in records.items()}

@@ -25,6 +25,7 @@ from mmqa.errors import ConfigError, DataError
 # With data.on_bad_sample=skip, receives (where, error) for each sample that is dropped; `where` is
 # "file:line" or "file: entry[i]", and the error's message starts with it.
 OnBad = Callable[[str, DataError], None]
+SKIP_HINT = "data.on_bad_sample=skip"  # named in every error of one sample, so the user knows how to go on
 
 
 class DatasetReader(Protocol):
@@ -87,7 +88,7 @@ class ImageChecker:
 class Samples:
     """Runs the handling of each sample (a line, an entry), which changes nothing until all of its
     checks pass: a `DataError` in it goes to `on_bad`, and the sample is dropped and counted, when
-    there is an `on_bad`; otherwise it stops the read."""
+    there is an `on_bad`; otherwise it stops the read, its message naming the option that skips."""
 
     def __init__(self, on_bad: OnBad | None) -> None:
         self.on_bad = on_bad
@@ -99,7 +100,9 @@ class Samples:
             yield
         except DataError as e:
             if self.on_bad is None:
-                raise
+                if SKIP_HINT in str(e):
+                    raise
+                raise DataError(f"{e}; {SKIP_HINT} drops such samples and goes on") from None
             self.dropped += 1
             self.on_bad(where, e)
 

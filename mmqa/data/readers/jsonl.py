@@ -1,22 +1,36 @@
-"""The project's JSONL manifest: `<root>/<split>.jsonl`, one JSON object per line (data/README.md)."""
+"""The project's JSONL manifest: `<root>/<split>.jsonl`, one JSON object per line (data/README.md).
+
+Repeated questions (the same `question_id`, or else the same question text, about one image) are
+read by `repeated_questions`: 'once' keeps an identical repeat once, counts it and says so in one
+log line, and stops at a repeat with other answers, a conflict; 'annotators' reads every line as one
+more annotator of its question, so the answers of all its lines are pooled (VQA soft scores).
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import posixpath
 from pathlib import Path
 
-from mmqa.data.readers.base import ImageChecker, OnBad, Samples, add_unique, is_str_list, root_dir, type_name
+from mmqa.data.readers.base import SKIP_HINT, ImageChecker, OnBad, Samples, add_unique, is_str_list, root_dir, type_name
 from mmqa.data.records import QA, ImageRecord
-from mmqa.errors import DataError
+from mmqa.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+REPEATED_QUESTIONS = ("once", "annotators")
 
 
 class JsonlReader:
     """The JSONL manifest: `<root>/<split>.jsonl`, one JSON object per line (see data/README.md)."""
 
-    def __init__(self, root: str | Path, check_images: bool = True) -> None:
+    def __init__(self, root: str | Path, check_images: bool = True, repeated_questions: str = "once") -> None:
+        if repeated_questions not in REPEATED_QUESTIONS:
+            raise ConfigError(f"data.reader.repeated_questions={repeated_questions!r} is not an option; "
+                              f"valid: {', '.join(REPEATED_QUESTIONS)}")
         self.root = Path(root)
         self.check_images = check_images
+        self.repeated_questions = repeated_questions
 
     def read(self, split: str, on_bad: OnBad | None = None) -> list[ImageRecord] | None:
         root = root_dir(self.root)
@@ -25,7 +39,8 @@ class JsonlReader:
             return None
         check = ImageChecker(self.check_images)
         records: dict[str, ImageRecord] = {}
-        first_seen: dict[tuple, int] = {}  # (image, question identity) -> line, to find duplicates
+        first_seen: dict[tuple, tuple[int, QA]] = {}  # (image, question identity) -> (line, its QA)
+        repeats = 0
         samples = Samples(on_bad)
         with open(path, "rb") as f:
             # Bytes in, decoded line by line, so a bad byte is reported with its line number.
@@ -41,19 +56,35 @@ class JsonlReader:
                         check(root / image, where)
                         record = ImageRecord(image=root / image, id=image, source=where)
                     key = (image, *_question_identity(qa)) if qa is not None else None
-                    if key in first_seen:
-                        raise DataError(f"{where}: duplicate question {qa.question!r} about {image} "
-                                        f"(first at line {first_seen[key]})")
+                    earlier = first_seen.get(key)
+                    if earlier is not None:
+                        self._check_repeat(qa, *earlier, image, where)
                     _merge_image_labels(record, labels, where)
-                    if qa is not None:
-                        first_seen[key] = lineno
+                    if earlier is not None:
+                        repeats += 1
+                        if self.repeated_questions == "annotators":
+                            earlier[1].answers.extend(qa.answers)
+                    elif qa is not None:
+                        first_seen[key] = (lineno, qa)
                         record.questions.append(qa)
                     add_unique(record.captions, captions)
                     records.setdefault(image, record)
+        if repeats:
+            done = "each question kept once" if self.repeated_questions == "once" else "their answers added as annotators"
+            log.info(f"{path}: {repeats} repeat(s) of an earlier line's question about the same image, {done}")
         if not records:
             why = f"all {samples.dropped} lines are bad" if samples.dropped else "the file is empty"
             raise DataError(f"{path}: no records ({why})")
         return list(records.values())
+
+
+    def _check_repeat(self, qa: QA, first_line: int, first: QA, image: str, where: str) -> None:
+        """A repeat is fine when it is identical, or when every line is an annotator; else a conflict."""
+        if self.repeated_questions == "annotators" or (qa.question, qa.answers) == (first.question, first.answers):
+            return
+        raise DataError(f"{where}: conflicting repeat of line {first_line}: {qa.question!r} about {image} has "
+                        f"answers {qa.answers} here and {first.answers} there; data.reader.repeated_questions="
+                        f"annotators reads each line as one more annotator, {SKIP_HINT} keeps the first")
 
 
 def _decode_line(raw: bytes, where: str, first: bool) -> str:
@@ -65,11 +96,10 @@ def _decode_line(raw: bytes, where: str, first: bool) -> str:
 
 
 def _question_identity(qa: QA) -> tuple:
-    """What makes two lines the same question: its `question_id` when the line has one, else the
-    question with its answers (the same question asked again with other answers is more annotators)."""
+    """What makes two lines the same question: its `question_id` when the line has one, else its text."""
     if "question_id" in qa.extra:
         return ("question_id", json.dumps(qa.extra["question_id"]))
-    return ("text", qa.question, tuple(qa.answers))
+    return ("text", qa.question)
 
 
 def _parse_line(text: str, where: str) -> tuple[str, QA | None, list[str], dict]:
