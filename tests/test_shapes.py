@@ -16,7 +16,18 @@ from PIL import Image
 
 from mmqa.data.readers.jsonl import JsonlReader
 from mmqa.data.worlds import shapes
-from mmqa.data.worlds.shapes import COLOURS, SHAPES, SIZES, Desc, Scene, ShapeObject, generate_shapes
+from mmqa.data.worlds.shapes import (
+    COLOURS,
+    DEFAULT_FAMILIES,
+    FAMILIES,
+    SHAPES,
+    SIZES,
+    Desc,
+    Scene,
+    SceneFacts,
+    ShapeObject,
+    generate_shapes,
+)
 from mmqa.errors import ConfigError
 
 TINY = dict(n_train=20, n_val=5, n_test=5, image_size=64, min_objects=1, max_objects=5,
@@ -120,7 +131,7 @@ def test_killed_generation_leaves_no_dataset_and_no_temp_dir(tmp_path, monkeypat
 
 def test_meta_records_parameters_families_and_counts(small):
     meta = json.loads((small / "meta.json").read_text())
-    assert meta["params"] == {k: v for k, v in SMALL.items() if k != "progress"}
+    assert meta["params"] == {**{k: v for k, v in SMALL.items() if k != "progress"}, "families": list(DEFAULT_FAMILIES)}
     assert meta["families"] == ["attribute", "existence", "counting", "spatial", "comparison"]
     assert {s: meta["splits"][s]["images"] for s in ("train", "val", "test")} == {"train": 80, "val": 12, "test": 12}
     assert meta["splits"]["train"]["questions"] == 80 * 5
@@ -132,6 +143,8 @@ def test_invalid_parameters_name_the_problem(tmp_path):
         generate_shapes(tmp_path, **{**TINY, "max_objects": 6})
     with pytest.raises(ConfigError, match="max_captions <= 8"):
         generate_shapes(tmp_path, **{**TINY, "max_captions": 9})
+    with pytest.raises(ConfigError, match=r"families: \['closest'\] not known; valid: attribute, .*, further"):
+        generate_shapes(tmp_path, **{**TINY, "families": ["attribute", "closest"]})
     assert list(tmp_path.iterdir()) == []
 
 
@@ -217,6 +230,65 @@ def test_spatial_shape_questions_have_exactly_one_object_on_that_side(small):
         assert [o.shape for o in side] == row["answers"], row["question"]
         checked += 1
     assert checked >= 5
+
+
+def answers_by_key(scene: Scene, family: str) -> dict[tuple, set[str]]:
+    """What a family would ask of `scene`: candidate key -> its answers (one, when the world is right)."""
+    out = defaultdict(set)
+    for c in shapes.FAMILY_CANDIDATES[family](SceneFacts.of(scene, 64)):
+        out[c.key].add(c.answer)
+    return out
+
+
+# A large red circle on the left, a small blue square 20 px to its right on the same level, a small
+# green triangle far off at the top right; tol is 4 px at 64 px.
+HAND_BUILT = Scene("gray", "plain", (ShapeObject("circle", "red", "large", 10, 32, 18),
+                                     ShapeObject("square", "blue", "small", 30, 32, 10),
+                                     ShapeObject("triangle", "green", "small", 54, 10, 10)))
+
+
+def test_relational_families_answer_hand_built_scenes():
+    nearest = answers_by_key(HAND_BUILT, "nearest")
+    assert nearest[("nearest", 0, "shape")] == {"square"} and nearest[("nearest", 0, "colour")] == {"blue"}
+    assert nearest[("furthest", 0, "shape")] == {"triangle"} and nearest[("furthest", 1, "colour")] == {"green"}
+    # from the triangle the circle (49 px) and the square (32 px) are both far: furthest is the circle
+    assert nearest[("furthest", 2, "shape")] == {"circle"} and nearest[("nearest", 2, "shape")] == {"square"}
+    count = answers_by_key(HAND_BUILT, "count_beside")
+    assert count[("count_beside", 0, "right", Desc())] == {"2"}
+    assert count[("count_beside", 0, "right", Desc(shape="square"))] == {"1"}
+    assert count[("count_beside", 2, "below", Desc(colour="red"))] == {"1"}
+    assert count[("count_beside", 2, "left", Desc(shape="cross"))] == {"0"}
+    assert ("count_beside", 0, "above", Desc()) not in count  # the square sits level with the circle: not asked
+    further = answers_by_key(HAND_BUILT, "further")
+    assert further[("further", 0, 2, "left")] == {"circle"} and further[("further", 0, 2, "above")] == {"triangle"}
+    assert ("further", 0, 1, "above") not in further  # level: too close to call
+    # swapping the circle's and the triangle's places swaps every left/right answer between them
+    c, sq, t = HAND_BUILT.objects
+    swapped = Scene("gray", "plain", (ShapeObject("circle", "red", "large", 54, 10, 18), sq,
+                                      ShapeObject("triangle", "green", "small", 10, 32, 10)))
+    assert answers_by_key(swapped, "further")[("further", 0, 2, "left")] == {"triangle"}
+    assert answers_by_key(swapped, "count_beside")[("count_beside", 2, "right", Desc())] == {"2"}
+
+
+def test_relational_world_asks_every_family_in_wordings_that_read_back(tmp_path):
+    dataset = generate_shapes(tmp_path, **{**TINY, "families": list(FAMILIES), "questions_per_image": 8})
+    rows = [r for r in read_lines(dataset / "train.jsonl") if "question" in r]
+    asked = {r["question_type"] for r in rows}
+    assert asked == set(FAMILIES)
+    kinds = {"nearest": "nearest", "count_beside": "count_beside", "further": "further_which"}
+    for r in rows:
+        if r["question_type"] in kinds:
+            assert match_template(kinds[r["question_type"]], r["question"]), r["question"]
+    for r in read_lines(dataset / "test_paraphrase.jsonl"):
+        if r["question_type"] in kinds:
+            assert match_template(kinds[r["question_type"]], r["question"], shapes.PARAPHRASES), r["question"]
+
+
+def test_the_default_world_is_what_it_was(small):
+    """Pinned bytes: the relational families are asked only when listed, so the default world's
+    questions are the ones every earlier result was measured on. Bump GENERATOR_VERSION to change them."""
+    digests = [hashlib.md5((small / f"{split}.jsonl").read_bytes()).hexdigest() for split in ("train", "test")]
+    assert digests == ["075e50a1b85fcbb247cc171db1892a62", "6725e225321ec5911e5ba9e00bd807ac"]
 
 
 # ---------------------------------------------------------------------------------- captions, pixels

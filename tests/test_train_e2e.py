@@ -15,7 +15,7 @@ from conftest import ROOT, TINY, TINY_DATA, compose_cfg
 from PIL import Image
 
 from mmqa.bundle import Bundle
-from mmqa.data.worlds.shapes import FAMILIES
+from mmqa.data.worlds.shapes import DEFAULT_FAMILIES
 from mmqa.errors import ConfigError
 from mmqa.train import train
 
@@ -48,7 +48,7 @@ def test_train_py_writes_checkpoints_metrics_and_bundle(fusion, data_dir, tmp_pa
     assert (out / "csv" / "version_0" / "metrics.csv").is_file()
     assert (out / ".hydra" / "config.yaml").is_file()
     metrics = json.loads((out / "metrics.json").read_text())
-    for key in STABLE_KEYS + [f"test/vqa_acc/{f}" for f in FAMILIES]:
+    for key in STABLE_KEYS + [f"test/vqa_acc/{f}" for f in DEFAULT_FAMILIES]:
         assert key in metrics, key
         assert 0 <= metrics[key] <= (1 if "acc" in key or "/r" in key or "bleu" in key else float("inf"))
     bundle = out / "bundle"

@@ -16,8 +16,10 @@ from __future__ import annotations
 import functools
 import itertools
 import json
+import math
 import random
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -85,6 +87,23 @@ TEMPLATES = {
         "which object is {cmp}: the {a} or the {b}?",
         "what shape is {cmp}, the {a} or the {b}?",
     ),
+    # The relational families (not in DEFAULT_FAMILIES): nearest / furthest, counting under a
+    # relation, and which of two named objects lies further in a direction.
+    "nearest": (
+        "what {what} is the object {extreme} the {ref}?",
+        "what is the {what} of the object {extreme} the {ref}?",
+        "which {what} does the object {extreme} the {ref} have?",
+    ),
+    "count_beside": (
+        "how many {plural} are {rel} the {ref}?",
+        "what is the number of {plural} {rel} the {ref}?",
+        "how many {plural} can you see {rel} the {ref}?",
+    ),
+    "further_which": (
+        "which is {side}, the {a} or the {b}?",
+        "which object is {side}: the {a} or the {b}?",
+        "what shape is {side}, the {a} or the {b}?",
+    ),
 }
 # Held-out wordings of the same questions, used only in the test_paraphrase split: other spellings
 # (color), imperatives ("tell me ..."), the question word last, and synonyms (count, number, visible).
@@ -108,6 +127,12 @@ PARAPHRASES = {
                    "tell me if the {a} is {cmp} than the {b}"),
     "compare_which": ("tell me which is {cmp}, the {a} or the {b}", "of the {a} and the {b}, which is {cmp}?",
                       "which one is {cmp}: the {a} or the {b}?"),
+    "nearest": ("tell me the {what} of the object {extreme} the {ref}", "the object {extreme} the {ref} has what {what}?",
+                "name the {what} of the thing {extreme} the {ref}"),
+    "count_beside": ("count the {plural} {rel} the {ref}", "number of {plural} {rel} the {ref}?",
+                     "tell me how many {plural} there are {rel} the {ref}"),
+    "further_which": ("tell me which is {side}, the {a} or the {b}", "of the {a} and the {b}, which is {side}?",
+                      "which one is {side}: the {a} or the {b}?"),
 }
 # Alternative wordings of one relation; the renderer picks one per question.
 RELATIONS = {
@@ -116,6 +141,9 @@ RELATIONS = {
     "above": ("above",),
     "below": ("below",),
 }
+EXTREMES = {"nearest": ("closest to", "nearest to"), "furthest": ("furthest from", "farthest from")}
+SIDES = {"left": ("further left", "more to the left"), "right": ("further right", "more to the right"),
+         "above": ("higher", "higher up"), "below": ("lower", "lower down")}
 # Every caption holds the canonical object list, so a captioning model can learn it exactly.
 CAPTION_TEMPLATES = (
     "{objects}",
@@ -348,18 +376,74 @@ def _comparison(facts: SceneFacts) -> list[Candidate]:
     return out
 
 
+def _nearest(facts: SceneFacts) -> list[Candidate]:
+    """The shape or colour of the object closest to (or furthest from) a named one, asked only when
+    the runner-up is at least `tol` pixels further off (or nearer), so the answer is clear at a glance."""
+    objs, out = facts.scene.objects, []
+    for j, ref in enumerate(objs):
+        others = sorted((math.dist((o.x, o.y), (ref.x, ref.y)), i) for i, o in enumerate(objs) if i != j)
+        if not (facts.refs[j] and others):
+            continue
+        for extreme, (d, i), runner_up in (("nearest", others[0], others[1:2]), ("furthest", others[-1], others[-2:-1])):
+            if runner_up and abs(runner_up[0][0] - d) < facts.tol:
+                continue
+            for what in ("shape", "colour"):
+                out.append(_candidate((extreme, j, what), getattr(objs[i], what), "nearest",
+                                      what=what, extreme=EXTREMES[extreme], ref=facts.ref_texts(j)))
+    return out
+
+
+def _count_beside(facts: SceneFacts) -> list[Candidate]:
+    """How many objects (of a shape, of a colour, or any) lie in a direction from a named one, asked
+    only when no other object sits within `tol` of the dividing line."""
+    objs, tol, out = facts.scene.objects, facts.tol, []
+    for j, ref in enumerate(objs):
+        if not facts.refs[j]:
+            continue
+        for direction, words in RELATIONS.items():
+            offsets = {i: _offset(o, ref, direction) for i, o in enumerate(objs) if i != j}
+            if any(abs(off) < tol for off in offsets.values()):
+                continue
+            beside = [objs[i] for i, off in offsets.items() if off > 0]
+            for d in (Desc(), *(Desc(shape=s) for s in SHAPES), *(Desc(colour=c) for c in COLOURS)):
+                n = sum(d in _subsets(o) for o in beside)
+                out.append(_candidate(("count_beside", j, direction, d), str(n), "count_beside",
+                                      plural=d.text(plural=True), rel=words, ref=facts.ref_texts(j)))
+    return out
+
+
+def _further_which(facts: SceneFacts) -> list[Candidate]:
+    """Which of two named objects of different shapes lies further in a direction; the answer is its shape."""
+    objs, out = facts.scene.objects, []
+    for i, j in itertools.permutations(range(len(objs)), 2):  # both orders, one key: either may be asked
+        if objs[i].shape == objs[j].shape or not (facts.refs[i] and facts.refs[j]):
+            continue
+        for direction, words in SIDES.items():
+            offset = _offset(objs[i], objs[j], direction)
+            if abs(offset) >= facts.tol:
+                winner = objs[i] if offset > 0 else objs[j]
+                out.append(_candidate(("further", min(i, j), max(i, j), direction), winner.shape, "further_which",
+                                      a=facts.ref_texts(i), b=facts.ref_texts(j), side=words))
+    return out
+
+
 FAMILY_CANDIDATES = {
     "attribute": _attribute,
     "existence": _existence,
     "counting": _counting,
     "spatial": _spatial,
     "comparison": _comparison,
+    "nearest": _nearest,
+    "count_beside": _count_beside,
+    "further": _further_which,
 }
 FAMILIES = tuple(FAMILY_CANDIDATES)
+DEFAULT_FAMILIES = FAMILIES[:5]  # the world as it was; the relational three are asked when listed
 
 
 def ask_questions(
-    scene: Scene, n: int, image_size: int, rng: random.Random, family_counts: Counter
+    scene: Scene, n: int, image_size: int, rng: random.Random, family_counts: Counter,
+    families: tuple[str, ...] = DEFAULT_FAMILIES,
 ) -> list[Asked]:
     """Pick `n` questions for a scene, keeping families balanced over the split.
 
@@ -369,11 +453,11 @@ def ask_questions(
     one answer from dominating a family.
     """
     facts = SceneFacts.of(scene, image_size)
-    pools = {family: FAMILY_CANDIDATES[family](facts) for family in FAMILIES}
+    pools = {family: FAMILY_CANDIDATES[family](facts) for family in families}
     asked: set[tuple] = set()
     out = []
     for _ in range(n):
-        open_families = [f for f in FAMILIES if any(c.key not in asked for c in pools[f])]
+        open_families = [f for f in families if any(c.key not in asked for c in pools[f])]
         if not open_families:
             break
         rng.shuffle(open_families)  # ties go to a random family
@@ -418,6 +502,7 @@ def generate_shapes(
     min_captions: int,
     max_captions: int,
     seed: int,
+    families: Sequence[str] = DEFAULT_FAMILIES,
     progress: bool = True,
 ) -> Path:
     """Generate (or reuse) a shapes dataset under `root` and return its directory.
@@ -428,7 +513,7 @@ def generate_shapes(
     """
     params = dict(n_train=n_train, n_val=n_val, n_test=n_test, image_size=image_size,
                   min_objects=min_objects, max_objects=max_objects, questions_per_image=questions_per_image,
-                  min_captions=min_captions, max_captions=max_captions, seed=seed)
+                  min_captions=min_captions, max_captions=max_captions, seed=seed, families=list(families))
     _check_params(params)
     return cached_dataset(root, "shapes", GENERATOR_VERSION, params, lambda out: _write_dataset(out, params, progress))
 
@@ -440,12 +525,17 @@ def _check_params(p: dict) -> None:
     if p["questions_per_image"] < 0 or p["questions_per_image"] + p["min_captions"] == 0:
         problems.append("every image needs a question or a caption: questions_per_image >= 0 and "
                         "questions_per_image + min_captions >= 1")
+    if unknown := [f for f in p["families"] if f not in FAMILIES]:
+        problems.append(f"families: {unknown} not known; valid: {', '.join(FAMILIES)}")
+    if not p["families"] and p["questions_per_image"]:
+        problems.append("families is empty but questions_per_image > 0")
     if problems:
         raise ConfigError("generate_shapes: " + "; ".join(problems) + f" (got {p})")
 
 
 def _write_dataset(out: Path, params: dict, progress: bool) -> None:
-    family_counts: dict[str, Counter] = defaultdict(lambda: Counter({f: 0 for f in FAMILIES}))  # per split
+    families = tuple(params["families"])
+    family_counts: dict[str, Counter] = defaultdict(lambda: Counter({f: 0 for f in families}))  # per split
     answers: dict[str, Counter] = defaultdict(Counter)
     n_captions: Counter = Counter()
     paraphrases = Paraphrases("shapes", params, PARAPHRASES)
@@ -453,7 +543,8 @@ def _write_dataset(out: Path, params: dict, progress: bool) -> None:
     def make_image(split: str, image: str, rng: random.Random, np_rng: np.random.Generator):
         scene = sample_scene(rng, params["image_size"], params["min_objects"], params["max_objects"])
         render_scene(scene, params["image_size"], np_rng).save(out / image)
-        questions = ask_questions(scene, params["questions_per_image"], params["image_size"], rng, family_counts[split])
+        questions = ask_questions(scene, params["questions_per_image"], params["image_size"], rng, family_counts[split],
+                                  families)
         captions = make_captions(scene, rng.randint(params["min_captions"], params["max_captions"]), rng)
         answers[split].update((q.family, q.answer) for q in questions)
         n_captions[split] += len(captions)
@@ -467,7 +558,7 @@ def _write_dataset(out: Path, params: dict, progress: bool) -> None:
             "questions": sum(counts.values()),
             "captions": n_captions[split],
             "families": dict(counts),
-            "answers": {f: {a: n for (fam, a), n in sorted(answers[split].items()) if fam == f} for f in FAMILIES},
+            "answers": {f: {a: n for (fam, a), n in sorted(answers[split].items()) if fam == f} for f in families},
         }
         for split, counts in family_counts.items()
     }
@@ -476,7 +567,7 @@ def _write_dataset(out: Path, params: dict, progress: bool) -> None:
         "generator": "mmqa.data.worlds.shapes",
         "version": GENERATOR_VERSION,
         "params": params,
-        "families": list(FAMILIES),
+        "families": list(families),
         "shapes": list(SHAPES),
         "colours": list(COLOURS),
         "sizes": list(SIZES),
