@@ -39,22 +39,26 @@ def trained(tmp_path_factory, data_dir):
     return cfg, train(cfg), out
 
 
-@pytest.mark.parametrize("fusion", VARIANTS)
-def test_train_py_writes_checkpoints_metrics_and_bundle(fusion, data_dir, tmp_path):
-    out = tmp_path / "run"
-    run(["train.py", *TINY, f"model/fusion={fusion}", f"paths.data_dir={data_dir}", f"hydra.run.dir={out}"])
-    assert (out / "checkpoints" / "last.ckpt").is_file()
-    assert len(list((out / "checkpoints").glob("best-*.ckpt"))) == 1
-    assert (out / "csv" / "version_0" / "metrics.csv").is_file()
-    assert (out / ".hydra" / "config.yaml").is_file()
-    metrics = json.loads((out / "metrics.json").read_text())
-    for key in STABLE_KEYS + [f"test/vqa_acc/{f}" for f in DEFAULT_FAMILIES]:
-        assert key in metrics, key
-        assert 0 <= metrics[key] <= (1 if "acc" in key or "/r" in key or "bleu" in key else float("inf"))
-    bundle = out / "bundle"
-    assert {p.name for p in bundle.iterdir()} == {
-        "config.yaml", "tokenizer", "decoder_tokenizer", "answers.json", "ingredients.json", "model.safetensors"}
-    assert not list(out.glob(".bundle*"))  # no temporary folder left behind by the atomic save
+def test_train_py_writes_checkpoints_metrics_and_bundle_for_every_fusion(data_dir, tmp_path):
+    """One Hydra multirun, one job a fusion variant (one start-up for all of them)."""
+    sweep = tmp_path / "sweep"
+    run(["train.py", "-m", *TINY, f"model/fusion={','.join(VARIANTS)}", f"paths.data_dir={data_dir}",
+         f"hydra.sweep.dir={sweep}"])
+    for i, fusion in enumerate(VARIANTS):
+        out = sweep / str(i)
+        assert f"model/fusion={fusion}" in (out / ".hydra" / "overrides.yaml").read_text()
+        assert (out / "checkpoints" / "last.ckpt").is_file()
+        assert len(list((out / "checkpoints").glob("best-*.ckpt"))) == 1
+        assert (out / "csv" / "version_0" / "metrics.csv").is_file()
+        assert (out / ".hydra" / "config.yaml").is_file()
+        metrics = json.loads((out / "metrics.json").read_text())
+        for key in STABLE_KEYS + [f"test/vqa_acc/{f}" for f in DEFAULT_FAMILIES]:
+            assert key in metrics, (fusion, key)
+            assert 0 <= metrics[key] <= (1 if "acc" in key or "/r" in key or "bleu" in key else float("inf"))
+        bundle = out / "bundle"
+        assert {p.name for p in bundle.iterdir()} == {
+            "config.yaml", "tokenizer", "decoder_tokenizer", "answers.json", "ingredients.json", "model.safetensors"}
+        assert not list(out.glob(".bundle*"))  # no temporary folder left behind by the atomic save
 
 
 def test_bundle_round_trip_gives_the_same_outputs(trained, tmp_path):

@@ -9,5 +9,6 @@ Each variant gathers image features per question as late as it can, so per-image
 from mmqa.models.fusion.cross import CrossFusion
 from mmqa.models.fusion.early import EarlyFusion
 from mmqa.models.fusion.late import LateFusion
+from mmqa.models.fusion.relation import RelationFusion
 
-__all__ = ["CrossFusion", "EarlyFusion", "LateFusion"]
+__all__ = ["CrossFusion", "EarlyFusion", "LateFusion", "RelationFusion"]
