@@ -61,8 +61,8 @@ def object_grid(objects: list[dict], image_size: int) -> torch.Tensor:
 def load(root: Path) -> tuple[dict, dict, list[str]]:
     """Per split: (object grids (I, 64, 3), question word lists, answers, families, image index)."""
     size = json.loads((root / "meta.json").read_text())["params"]["image_size"]
-    grids = {json.loads(line)["image"]: object_grid(json.loads(line)["objects"], size)
-             for line in (root / "scenes.jsonl").read_text().splitlines()}
+    scenes = [json.loads(line) for line in (root / "scenes.jsonl").read_text().splitlines()]
+    grids = {scene["image"]: object_grid(scene["objects"], size) for scene in scenes}
     splits = {}
     for split in ("train", "val", "test"):
         rows = [json.loads(line) for line in (root / f"{split}.jsonl").read_text().splitlines()]

@@ -77,7 +77,6 @@ class JsonlReader:
             raise DataError(f"{path}: no records ({why})")
         return list(records.values())
 
-
     def _check_repeat(self, qa: QA, first_line: int, first: QA, image: str, where: str) -> None:
         """A repeat is fine when it is identical, or when every line is an annotator; else a conflict."""
         if self.repeated_questions == "annotators" or (qa.question, qa.answers) == (first.question, first.answers):

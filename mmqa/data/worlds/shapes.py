@@ -352,12 +352,21 @@ def _spatial(facts: SceneFacts) -> list[Candidate]:
         if not facts.refs[j]:
             continue
         for direction, words in RELATIONS.items():
-            offsets = {i: _offset(o, objs[j], direction) for i, o in enumerate(objs) if i != j}
-            beside = [i for i, off in offsets.items() if off > 0]
-            if len(beside) == 1 and all(abs(off) >= tol for off in offsets.values()):
+            beside = _beside(facts, j, direction)
+            if beside is not None and len(beside) == 1:
                 out.append(_candidate(("beside", j, direction), objs[beside[0]].shape, "shape_beside",
                                       ref=facts.ref_texts(j), rel=words))
     return out
+
+
+def _beside(facts: SceneFacts, j: int, direction: str) -> list[int] | None:
+    """The objects lying in `direction` from object j, or None when one sits within `tol` of the
+    dividing line (too close to call)."""
+    objs = facts.scene.objects
+    offsets = {i: _offset(o, objs[j], direction) for i, o in enumerate(objs) if i != j}
+    if any(abs(off) < facts.tol for off in offsets.values()):
+        return None
+    return [i for i, off in offsets.items() if off > 0]
 
 
 def _comparison(facts: SceneFacts) -> list[Candidate]:
@@ -396,17 +405,16 @@ def _nearest(facts: SceneFacts) -> list[Candidate]:
 def _count_beside(facts: SceneFacts) -> list[Candidate]:
     """How many objects (of a shape, of a colour, or any) lie in a direction from a named one, asked
     only when no other object sits within `tol` of the dividing line."""
-    objs, tol, out = facts.scene.objects, facts.tol, []
-    for j, ref in enumerate(objs):
+    objs, out = facts.scene.objects, []
+    for j in range(len(objs)):
         if not facts.refs[j]:
             continue
         for direction, words in RELATIONS.items():
-            offsets = {i: _offset(o, ref, direction) for i, o in enumerate(objs) if i != j}
-            if any(abs(off) < tol for off in offsets.values()):
+            beside = _beside(facts, j, direction)
+            if beside is None:
                 continue
-            beside = [objs[i] for i, off in offsets.items() if off > 0]
             for d in (Desc(), *(Desc(shape=s) for s in SHAPES), *(Desc(colour=c) for c in COLOURS)):
-                n = sum(d in _subsets(o) for o in beside)
+                n = sum(d in _subsets(objs[i]) for i in beside)
                 out.append(_candidate(("count_beside", j, direction, d), str(n), "count_beside",
                                       plural=d.text(plural=True), rel=words, ref=facts.ref_texts(j)))
     return out

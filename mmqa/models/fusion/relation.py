@@ -80,10 +80,9 @@ class RelationFusion(CrossFusion):
 
 def grid_positions(n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """(x, y) in [-1, 1] of each of n patch tokens in row-major order on a square grid; a token
-    sequence that is not a square is laid out as one row."""
+    sequence that is not a square is laid out as one row. Only differences between positions are used."""
     g = math.isqrt(n)
     rows, cols = (g, g) if g * g == n else (1, n)
-    ys, xs = torch.meshgrid(torch.linspace(-1, 1, rows, device=device, dtype=dtype) if rows > 1
-                            else torch.zeros(1, device=device, dtype=dtype),
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, rows, device=device, dtype=dtype),
                             torch.linspace(-1, 1, cols, device=device, dtype=dtype), indexing="ij")
     return torch.stack([xs.flatten(), ys.flatten()], dim=-1)  # (N, 2)
