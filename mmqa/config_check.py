@@ -72,6 +72,7 @@ class Distill:
     teacher: str | None = MISSING
     temperature: float = MISSING
     vqa: float = MISSING
+    vqa_form: str = MISSING
     caption: float = MISSING
 
 
@@ -101,6 +102,7 @@ class TrainConfig:
     distill: Distill = field(default_factory=Distill)
     compile: bool = MISSING
     freeze: list[str] = MISSING
+    text_cache: int = MISSING
     lr_scale: dict[str, float] = MISSING
     lora: Lora = field(default_factory=Lora)
     data: Any = MISSING
@@ -284,6 +286,7 @@ def _check_combinations(cfg: DictConfig, problems: list[str]) -> None:
     if "mean" in enc and "std" in enc:
         need(len(enc.mean) == 3 and len(enc.std) == 3 and all(s > 0 for s in enc.std),
              f"model.image_encoder.mean and .std need 3 values (R, G, B), std > 0; got {list(enc.mean)} and {list(enc.std)}")
+    need(cfg.get("text_cache", 0) >= 0, f"text_cache must be >= 0 (0: no cache), got {cfg.get('text_cache')}")
     for tower, scale in (cfg.get("lr_scale") or {}).items():
         need(scale > 0, f"lr_scale.{tower} must be > 0 (freeze=[{tower}] keeps a tower as loaded), got {scale}")
     lora = cfg.get("lora")

@@ -18,7 +18,7 @@ from test_demo import session_bundle
 
 from mmqa.build import build_lit_module
 from mmqa.bundle import Bundle
-from mmqa.compress.distill import Distiller, soft_kl
+from mmqa.compress.distill import Distiller, binary_kl, soft_kl
 from mmqa.errors import ConfigError
 from mmqa.train import train
 
@@ -37,12 +37,30 @@ def test_the_kl_term_equals_a_hand_computation():
     assert soft_kl(teacher, teacher, T).item() == pytest.approx(0.0, abs=1e-7)
 
 
+def test_the_binary_kl_term_equals_a_hand_computation_per_answer():
+    teacher, student = torch.tensor([[2.0, 0.0, -2.0]]), torch.tensor([[0.0, 1.0, 0.0]])
+    T = 2.0
+    sig = [1 / (1 + math.exp(-x / T)) for x in teacher[0].tolist()]
+    q = [1 / (1 + math.exp(-x / T)) for x in student[0].tolist()]
+    expected = sum(a * math.log(a / b) + (1 - a) * math.log((1 - a) / (1 - b)) for a, b in zip(sig, q)) * T * T
+    assert binary_kl(teacher, student, T).item() == pytest.approx(expected, rel=1e-6)
+    assert binary_kl(teacher.repeat(2, 1), student.repeat(2, 1), T).item() == pytest.approx(expected, rel=1e-6)
+    assert binary_kl(teacher, teacher, T).item() == pytest.approx(0.0, abs=1e-7)
+    # unlike the softmax form, it sees a shift of every logit (each answer's probability is its own)
+    assert soft_kl(teacher, teacher + 1.0, T).item() == pytest.approx(0.0, abs=1e-6)
+    assert binary_kl(teacher, teacher + 1.0, T).item() > 0.01
+    with pytest.raises(ValueError, match=r"distill.vqa_form='sigmoid': not an option; valid: softmax, binary"):
+        Distiller(torch.nn.Linear(1, 1), 2.0, 1.0, 1.0, vqa_form="sigmoid")
+
+
 def test_a_student_equal_to_its_teacher_learns_nothing_from_it_and_only_the_student_gets_gradients(tiny_parts):
     cfg, dm, model, lit, batch = tiny_parts()
     same = build_lit_module(cfg, model, dm, distiller=Distiller(copy.deepcopy(model), 2.0, 1.0, 1.0)).train()
     losses, _ = same.compute_losses(batch)
     assert losses["distill_vqa"].item() == pytest.approx(0.0, abs=1e-6)
     assert losses["distill_caption"].item() == pytest.approx(0.0, abs=1e-6)
+    binary = build_lit_module(cfg, model, dm, distiller=Distiller(copy.deepcopy(model), 2.0, 1.0, 1.0, "binary"))
+    assert binary.train().compute_losses(batch)[0]["distill_vqa"].item() == pytest.approx(0.0, abs=1e-6)
 
     other = copy.deepcopy(model)
     torch.manual_seed(1)

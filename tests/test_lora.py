@@ -67,6 +67,35 @@ def test_a_frozen_tower_keeps_its_weights(tiny_parts):
     assert any(p.grad is not None for p in model.fusion.parameters())
 
 
+def test_a_frozen_text_encoder_encodes_each_distinct_text_once_and_gives_what_a_fresh_pass_gives(tiny_parts):
+    cfg, dm, model, lit, batch = tiny_parts("freeze=[text_encoder]")
+    cache = model.text_cache
+    assert cache is not None and cache.max_rows == cfg.text_cache
+    ids, mask = batch.q_input_ids, batch.q_attention_mask  # (Q, T)
+    rows = {tuple(r[m.bool()].tolist()) for r, m in zip(ids, mask)}
+    lit.train()
+    out = model.encode_text(ids, mask)
+    assert model.text_encoder.training  # the tower ran in eval mode and was put back
+    assert (cache.misses, cache.hits, len(cache.rows)) == (len(rows), len(ids) - len(rows), len(rows))
+    model.text_encoder.eval()
+    with torch.no_grad():
+        enc = model.text_encoder(ids, mask)
+        plain, pooled = model.text_proj(enc.tokens), model.text_proj(enc.pooled)  # (Q, T, D), (Q, D)
+    real = mask.bool()
+    assert torch.allclose(out.tokens[real], plain[real], atol=1e-5) and torch.allclose(out.pooled, pooled, atol=1e-5)
+    assert torch.all(out.tokens[~real] == 0)
+    # the same texts padded further are the same entries: no new pass, the same vectors
+    padded = model.encode_text(torch.nn.functional.pad(ids, (0, 3)), torch.nn.functional.pad(mask, (0, 3)))
+    assert cache.misses == len(rows) and cache.hits == 2 * len(ids) - len(rows)
+    assert torch.equal(padded.tokens[:, : ids.shape[1]], out.tokens) and torch.equal(padded.pooled, out.pooled)
+
+    assert tiny_parts("freeze=[text_encoder]", "lora.r=4")[2].text_cache is None  # adapters train inside it
+    assert tiny_parts("freeze=[text_encoder]", "text_cache=0")[2].text_cache is None
+    assert tiny_parts()[2].text_cache is None
+    with pytest.raises(ValueError, match=r"only a frozen text encoder can be cached, but \d+ of its weights train"):
+        tiny_parts()[2].cache_text(10)
+
+
 def test_a_pretrained_tower_learns_at_its_lr_scale_and_its_adapters_at_the_full_rate(tiny_parts):
     cfg, dm, model, lit, batch = tiny_parts("lora.r=4", "freeze=[image_encoder]", "lr_scale.text_encoder=0.01", "lr_scale.fusion=0.5")
     lit._trainer = types.SimpleNamespace(estimated_stepping_batches=10)  # what configure_optimizers reads

@@ -24,14 +24,30 @@ def soft_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperat
     return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature**2
 
 
+def binary_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(Bernoulli(σ(t / T)) || Bernoulli(σ(s / T))) summed over the last axis, averaged over rows,
+    times T²: the distillation term for a head of independent per-answer sigmoids (mmqa's VQA head is
+    trained with soft-score BCE), where each answer's probability is its own. (R, K), (R, K) -> ()"""
+    t, s = teacher_logits.float() / temperature, student_logits.float() / temperature
+    p = torch.sigmoid(t)
+    kl = p * (F.logsigmoid(t) - F.logsigmoid(s)) + (1 - p) * (F.logsigmoid(-t) - F.logsigmoid(-s))  # (R, K)
+    return kl.sum(-1).mean() * temperature**2
+
+
+VQA_FORMS = {"softmax": soft_kl, "binary": binary_kl}  # distill.vqa_form: how the answer logits are read
+
+
 class Distiller:
     """The teacher's side of distillation: its outputs on a batch, and the KL terms against the
-    student's (`distill_vqa` over the answer vocabulary, `distill_caption` over the decoder vocabulary
+    student's (`distill_vqa` over the answer vocabulary, as one softmax or per answer, `distill_caption` over the decoder vocabulary
     at every caption position that has a label)."""
 
-    def __init__(self, teacher: MMQAModel, temperature: float, vqa: float, caption: float):
+    def __init__(self, teacher: MMQAModel, temperature: float, vqa: float, caption: float, vqa_form: str = "softmax"):
         if temperature <= 0:
             raise ValueError(f"distill.temperature={temperature}: must be > 0")
+        if vqa_form not in VQA_FORMS:
+            raise ValueError(f"distill.vqa_form={vqa_form!r}: not an option; valid: {', '.join(VQA_FORMS)}")
+        self.vqa_kl = VQA_FORMS[vqa_form]
         self.teacher = teacher.eval().requires_grad_(False)
         self.temperature = temperature
         self.weights = {"distill_vqa": float(vqa), "distill_caption": float(caption)}
@@ -56,7 +72,7 @@ class Distiller:
         teacher = self._teacher(batch, vqa, caption)
         out = {}
         if vqa:
-            out["distill_vqa"] = soft_kl(teacher["vqa"], student["vqa_logits"], self.temperature)
+            out["distill_vqa"] = self.vqa_kl(teacher["vqa"], student["vqa_logits"], self.temperature)
         if caption:
             labelled = batch.c_dec_labels[:, 1:] != -100  # (C, L-1): position i predicts token i + 1
             out["distill_caption"] = soft_kl(teacher["caption"][:, :-1][labelled],

@@ -76,11 +76,15 @@ def add_lora(model: nn.Module, r: int, alpha: float, dropout: float, target: str
 
 
 def adapt(model: nn.Module, cfg: DictConfig) -> None:
-    """Apply a training config's `freeze` and `lora` sections to a freshly built model."""
+    """Apply a training config's `freeze` and `lora` sections to a freshly built model, and cache a
+    frozen text encoder's outputs (`text_cache` rows) when no adapter trains inside it."""
     freeze(model, list(cfg.get("freeze") or []))
     lora = cfg.get("lora")
     if lora and lora.r > 0:
         add_lora(model, lora.r, lora.alpha, lora.dropout, lora.target)
+    text = model.get_submodule("text_encoder")
+    if cfg.get("text_cache", 0) > 0 and not any(p.requires_grad for p in text.parameters()):
+        model.cache_text(cfg.text_cache)
 
 
 def adapter_state(model: nn.Module) -> dict:

@@ -18,6 +18,7 @@ from torch import nn
 
 from mmqa.models.attention.binding import attention_name, for_cross_attention, unbound
 from mmqa.models.decoder import GPT2Decoder
+from mmqa.models.frozen_cache import FrozenTextCache
 from mmqa.models.heads import ContrastiveHead, PatchSetHead, VQAHead
 from mmqa.models.layers import Attention
 from mmqa.models.outputs import EncoderOutput, FusionOutput
@@ -76,6 +77,7 @@ class MMQAModel(nn.Module):
         self.dim, self.head_mlp_ratio, self.dropout = dim, head_mlp_ratio, dropout  # for heads built outside
         self.image_encoder = image_encoder
         self.text_encoder = text_encoder
+        self.text_cache: FrozenTextCache | None = None  # `cache_text`: a frozen tower's outputs, memoised
         # encoder widths are read from the built modules, never typed twice in the config
         self.image_proj = nn.Linear(image_encoder.out_dim, dim) if image_encoder.out_dim != dim else nn.Identity()
         self.text_proj = nn.Linear(text_encoder.out_dim, dim) if text_encoder.out_dim != dim else nn.Identity()
@@ -113,7 +115,14 @@ class MMQAModel(nn.Module):
         tokens = out.tokens + self.image_position.to(out.tokens.dtype)  # (B, N, D)
         return EncoderOutput(tokens=tokens, mask=out.mask, pooled=out.pooled)
 
+    def cache_text(self, max_rows: int) -> None:
+        """Encode each distinct text once from now on: the text encoder must be frozen
+        (mmqa/models/frozen_cache.py). Its projection still trains."""
+        self.text_cache = FrozenTextCache(self.text_encoder, max_rows)
+
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> EncoderOutput:  # (T, L)
+        if self.text_cache is not None:
+            return _project(self.text_cache(self.text_encoder, input_ids, attention_mask), self.text_proj)
         return _project(self.text_encoder(input_ids, attention_mask), self.text_proj)
 
     def answer_logits(
