@@ -1,12 +1,16 @@
 """Model inspection (mmqa/inspect/maps.py, faithfulness.py, `python -m mmqa inspect`): rollout rows sum
 to 1, early fusion's modality blocks are told apart, the maps of one example lie on the patch grid and
 are written with a CSV of every weight, the deletion / insertion curves start and end where they must
-and rank an occlusion-ordered map above its reverse, and bad requests name what is valid."""
+and rank an occlusion-ordered map above its reverse, the logit lenses read their last layer as the model
+does, patching the fusion's input restores the clean answer, and bad requests name what is valid."""
 
 from __future__ import annotations
 
 import csv
+from dataclasses import replace
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -15,12 +19,14 @@ from test_demo import session_bundle, shapes_test_images, tiny_bundle
 from conftest import CONF, compose_cfg
 from mmqa.build import build_lit_module, data_for_bundle
 from mmqa.cli.inspect import inspect
+from mmqa.data.worlds.shapes import COLOURS, Scene, read_scenes, recolour, render_scene
 from mmqa.errors import ConfigError
 from mmqa.inspect.faithfulness import curves, patch_masks
 from mmqa.inspect.compare import check_comparable, compare, js_divergence
 from mmqa.inspect.heads import evaluate, head_counts, head_mask, importance, pruning_curve
-from mmqa.inspect.lens import fusion_layers, logit_lens
+from mmqa.inspect.lens import decoder_lens, fusion_layers, logit_lens
 from mmqa.inspect.maps import METHODS, InspectError, caption_maps, explain, modality_blocks, patch_relevance, rollout
+from mmqa.inspect.patching import colour_pairs, patching, probabilities, restored, sites, trace, world_pairs
 from mmqa.models.fusion.late import LateFusion
 from mmqa.models.layers import Attention
 
@@ -177,6 +183,10 @@ def test_head_importance_and_the_masking_curve(bundle, data_dir, tmp_path):
     for row in curve:
         if row["fraction"] == 0.0:
             assert row["vqa_acc"] == none["vqa_acc"] and row["caption_loss"] == pytest.approx(none["caption_loss"])
+            assert row["bleu4"] == pytest.approx(none["bleu4"])
+    assert 0 <= none["bleu4"] <= 1
+    text_all = next(r for r in curve if r["stack"] == "text" and r["fraction"] == 1.0)
+    assert text_all["bleu4"] == pytest.approx(none["bleu4"])  # captions do not read the question
     decoder_all = next(r for r in curve if r["stack"] == "decoder" and r["fraction"] == 1.0)
     assert decoder_all["vqa_acc"] == none["vqa_acc"]  # the decoder does not answer questions
     assert decoder_all["caption_loss"] > none["caption_loss"]  # but without its heads it captions worse
@@ -208,3 +218,104 @@ def test_compare_against_itself_shows_no_change_and_other_architectures_are_refu
     early = tiny_bundle(data_dir, tmp_path / "early", "model/fusion=early")
     with pytest.raises(InspectError, match="differ in architecture"):
         check_comparable(bundle, early)
+
+
+# ---------------------------------------------------------------------------- decoder lens and activation patching
+
+
+def _test_data(bundle, data_dir, tmp_path):
+    cfg = compose_cfg(data_dir, tmp_path, ["bundle=x"], config_name="inspect")
+    return data_for_bundle(cfg.data, bundle, "test")
+
+
+def test_decoder_lens_reads_the_last_layer_as_the_model_does(bundle, data_dir, tmp_path):
+    dm = _test_data(bundle, data_dir, tmp_path)
+    lit = build_lit_module(bundle.cfg, bundle.model, dm, split="test", train=False)
+    batch = next(iter(dm.loader("test", train=False)))
+    rows = decoder_lens(lit, [batch])
+    assert [r["layer"] for r in rows] == list(range(len(bundle.model.decoder.gpt2.transformer.h)))
+    with torch.no_grad():
+        img = bundle.model.encode_images(batch.images)
+        loss, logits = bundle.model.lm_loss(img, batch.c_img_idx, batch.c_dec_input_ids, batch.c_dec_attention_mask,
+                                            batch.c_dec_labels, return_logits=True)  # logits (C, L, V)
+    target = batch.c_dec_labels[:, 1:]
+    keep = target != -100
+    assert rows[-1]["tokens"] == int(keep.sum())
+    assert rows[-1]["loss"] == pytest.approx(float(loss), abs=1e-5)
+    assert rows[-1]["accuracy"] == int((logits[:, :-1].argmax(-1) == target)[keep].sum()) / int(keep.sum())
+    assert decoder_lens(lit, [replace(batch, c_img_idx=batch.c_img_idx[:0])]) == []  # no captions, no rows
+
+
+def test_recolour_changes_one_objects_colour_and_only_its_pixels(bundle, data_dir, tmp_path):
+    dataset = _test_data(bundle, data_dir, tmp_path).reader.dataset_dir
+    scenes = read_scenes(dataset, "test")
+    assert len(scenes) == len(shapes_test_images(data_dir))
+    scene = Scene("gray", "noise", scenes[0].objects)  # noise: both images must share it
+    o = scene.objects[0]
+    colour = next(c for c in COLOURS if c != o.colour)
+    changed = recolour(scene, 0, colour)
+    assert changed.objects[0] == replace(o, colour=colour) and changed.objects[1:] == scene.objects[1:]
+    assert (changed.background, changed.style) == (scene.background, scene.style)
+    size = 32
+    clean, corrupted = (np.asarray(render_scene(s, size, np.random.default_rng(0)), dtype=int) for s in (scene, changed))
+    differs = (clean != corrupted).any(-1)  # (H, W)
+    ys, xs = np.nonzero(differs)
+    x0, y0 = o.x - o.extent // 2, o.y - o.extent // 2
+    assert differs.any() and x0 <= xs.min() and xs.max() < x0 + o.extent and y0 <= ys.min() and ys.max() < y0 + o.extent
+    pairs = colour_pairs(scenes, size, 5, seed=0)
+    assert len(pairs) == 5 and pairs == colour_pairs(scenes, size, 5, seed=0)
+    for p in pairs:
+        assert p.answer != p.colour and p.question.startswith(("what colour is the", "what is the colour of the",
+                                                                 "which colour is the"))
+        assert p.colour not in p.question and (np.asarray(p.clean) != np.asarray(p.corrupted)).any()
+
+
+def test_patching_the_fusion_input_restores_the_clean_answer_and_nothing_restores_nothing(bundle, data_dir, tmp_path):
+    model = bundle.model
+    pairs = world_pairs(_test_data(bundle, data_dir, tmp_path), "test", 16, seed=0)
+    site_list = sites(model)
+    assert [s.name for s in site_list] == [*(f"image/blocks.{i}" for i in range(len(model.image_encoder.vit.blocks))),
+                                           "fusion/input", *(f"fusion/text_blocks.{i}" for i in range(len(model.fusion.text_blocks)))]
+    clean, corrupted = bundle._images([p.clean for p in pairs]), bundle._images([p.corrupted for p in pairs])
+    with torch.no_grad():
+        question = bundle._text([p.question for p in pairs], bundle.cfg.data.max_question_length)
+        probs = trace(model, clean, corrupted, question, site_list)
+        again = probabilities(model, corrupted, question)  # every hook is off again: nothing patched
+    answer = probs["clean"].argmax(-1)
+    assert (probs["clean"] != probs["corrupted"]).gather(1, answer[:, None]).all()  # the model tells each pair apart
+    fractions = restored({**probs, "nothing": again}, answer)
+    ones = torch.ones(len(pairs))
+    torch.testing.assert_close(fractions["fusion/input"], ones, atol=1e-5, rtol=0)  # all downstream is the clean run
+    torch.testing.assert_close(fractions["nothing"], torch.zeros(len(pairs)), atol=1e-5, rtol=0)
+    # the first fusion layer's output alone: the second layer still reads the corrupted image
+    assert not torch.allclose(fractions["fusion/text_blocks.0"], ones, atol=1e-2)
+    site = site_list[-1]
+    with pytest.raises(RuntimeError, match="boom"), patching(site, torch.zeros(1)):
+        raise RuntimeError("boom")
+    assert not site.module._forward_hooks and not model.fusion._forward_pre_hooks  # restored on error too
+
+
+def test_patching_needs_fusion_layers_and_the_shapes_world(bundle):
+    late = SimpleNamespace(fusion=LateFusion(8, 2.0, 0.0), image_encoder=bundle.model.image_encoder)
+    with pytest.raises(InspectError, match="LateFusion has no layers to read.*activation patching needs model/fusion=cross or early"):
+        sites(late)
+    with pytest.raises(InspectError, match="recolours objects of the shapes world.*valid: data=shapes, data=shapes_relational"):
+        world_pairs(SimpleNamespace(reader=object()), "test", 4, seed=0)
+
+
+def test_inspect_cli_writes_the_decoder_lens_and_one_patching_row_per_site(bundle, data_dir, tmp_path):
+    path = "bundle=" + str(data_dir.parent / "demo-cross" / "bundle")
+    inspect(compose_cfg(data_dir, tmp_path / "lens", [path, "task=lens", "n=10"], config_name="inspect"))
+    decoder = list(csv.DictReader((tmp_path / "lens" / "decoder_lens.csv").open()))
+    assert [int(r["layer"]) for r in decoder] == list(range(len(bundle.model.decoder.gpt2.transformer.h)))
+    assert (tmp_path / "lens" / "decoder_lens.png").is_file() and "| layer | next-token accuracy | loss |" in \
+        (tmp_path / "lens" / "report.md").read_text()
+    written = {p.name for p in inspect(compose_cfg(data_dir, tmp_path / "patch", [path, "task=patching", "pairs=6"],
+                                                   config_name="inspect"))}
+    assert written == {"patching.csv", "patching.png", "report.md"}
+    rows = list(csv.DictReader((tmp_path / "patch" / "patching.csv").open()))
+    assert [r["site"] for r in rows] == [s.name for s in sites(bundle.model)]
+    assert all(int(r["pairs"]) + int(r["skipped"]) == 6 for r in rows)
+    assert "6 pairs tried" in (tmp_path / "patch" / "report.md").read_text()
+    with pytest.raises(ConfigError, match="task=patching needs pairs >= 1; got pairs=0"):
+        inspect(compose_cfg(data_dir, tmp_path / "none", [path, "task=patching", "pairs=0"], config_name="inspect"))

@@ -8,8 +8,11 @@ and a CSV of every number shown (mmqa/inspect/report.py).
   of a split (mmqa/inspect/faithfulness.py);
 - task=heads: the importance of every head and the accuracy as each stack's heads are masked, least
   important first (mmqa/inspect/heads.py);
-- task=lens: VQA accuracy per fusion layer and question family (mmqa/inspect/lens.py);
-- task=compare bundle_b=...: two checkpoints of one model on the same batches (mmqa/inspect/compare.py).
+- task=lens: VQA accuracy per fusion layer and question family, and next-token accuracy and loss per
+  decoder layer (mmqa/inspect/lens.py);
+- task=compare bundle_b=...: two checkpoints of one model on the same batches (mmqa/inspect/compare.py);
+- task=patching pairs=100: activation patching on pairs of shapes scenes that differ in one object's
+  colour (mmqa/inspect/patching.py).
 """
 
 from __future__ import annotations
@@ -25,11 +28,11 @@ from mmqa.build import build_lit_module, data_for_bundle, first_batches
 from mmqa.bundle import Bundle
 from mmqa.data.images import load_image
 from mmqa.errors import ConfigError
-from mmqa.inspect import compare, faithfulness, heads, lens, report
+from mmqa.inspect import compare, faithfulness, heads, lens, patching, report
 from mmqa.inspect.maps import METHODS, caption_maps, explain
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
-TASKS = ("example", "faithfulness", "heads", "lens", "compare")
+TASKS = ("example", "faithfulness", "heads", "lens", "compare", "patching")
 
 
 def _questions(cfg: DictConfig, bundle: Bundle):
@@ -67,7 +70,12 @@ def inspect(cfg: DictConfig) -> list[Path]:
         files = report.compare_files(compare.compare(lit, lit_b, batches, bundle.text_tokenizer), _command())
     elif cfg.task == "lens":
         lit, batches = first_batches(cfg.data, bundle, cfg.split, cfg.n)
-        files = report.lens_files(lens.logit_lens(lit, batches), _command())
+        files = report.lens_files(lens.logit_lens(lit, batches), lens.decoder_lens(lit, batches), _command())
+    elif cfg.task == "patching":
+        if cfg.pairs < 1:
+            raise ConfigError(f"task=patching needs pairs >= 1; got pairs={cfg.pairs}")
+        pairs = patching.world_pairs(data_for_bundle(cfg.data, bundle, cfg.split), cfg.split, cfg.pairs, cfg.seed)
+        files = report.patching_files(*patching.evaluate(bundle, pairs), _command())
     else:
         if cfg.steps < 1 or cfg.n < 1:
             raise ConfigError(f"task=faithfulness needs steps >= 1 and n >= 1; got steps={cfg.steps}, n={cfg.n}")

@@ -54,6 +54,7 @@ class AttentionCall:
     key_mask: torch.Tensor | None = None  # (B, N) bool, for `fn`
     causal: bool = False
     layout: TokenLayout | None = None
+    v: torch.Tensor | None = None  # (B, h, N, d) the values, detached: the gradient of the weights is grad(out) vᵀ
 
     @property
     def stack(self) -> str:
@@ -137,7 +138,7 @@ def _probe_mmqa(name: str, module: Attention | TimmAttention, record: OnCall | N
     def probe(q, k, v, key_mask=None, causal=False, layout=None, **kwargs):
         visible = visibility(key_mask, causal, q.shape[2], k.shape[2], q.device)
         call = AttentionCall(name, site, q.detach(), k.detach(), visible, q.shape[-1] ** -0.5,
-                             fn=original, key_mask=key_mask, causal=causal, layout=layout)
+                             fn=original, key_mask=key_mask, causal=causal, layout=layout, v=v.detach())
         if record is not None:
             record(call)
         out = original(q, k, v, key_mask=key_mask, causal=causal, layout=layout, **kwargs)  # (B, h, T, d)
@@ -176,7 +177,8 @@ def _capture_forward(module, query, key, value, attention_mask, **kwargs):
     scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
     if visible is not None and visible.dim() == 2:
         visible = visible[None, None]
-    call = AttentionCall(name, attention_site(name, module), query.detach(), key.detach(), visible, scale)
+    call = AttentionCall(name, attention_site(name, module), query.detach(), key.detach(), visible, scale,
+                         v=value.detach())
     if record is not None:
         record(call)
     eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)

@@ -6,7 +6,8 @@ model keeps running SDPA (transformers 5 has no `head_mask`). The importance of 
 E |dL / d xi_h| over a split's batches at xi = 1, with L the VQA loss plus the caption loss (the fusion
 only sees the first, the decoder only the second), normalised per attention site by its L2 norm as the
 paper does. `pruning_curve` then masks each stack's heads in order of least importance and reports VQA
-accuracy and the caption loss (teacher-forced, per token) at each fraction.
+accuracy, the caption loss (teacher-forced, per token) and BLEU-4 of greedy captions written with the
+heads masked, at each fraction.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ import torch
 from torch import nn
 
 from mmqa.inspect.capture import attention_modules, attention_site, head_count, intercept_attention
+from mmqa.metrics.captions import CaptionScores
 from mmqa.metrics.vqa import VQAAccuracy
+from mmqa.text_generation import generate_captions
 
 
 def head_counts(model: nn.Module) -> dict[str, int]:
@@ -66,9 +69,11 @@ def importance(lit, batches: Iterable) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def evaluate(lit, batches: Iterable, masks: dict[str, torch.Tensor]) -> dict[str, float]:
-    """VQA accuracy (VQAv2 scoring) and the caption loss with `masks` applied."""
+    """VQA accuracy (VQAv2 scoring), the caption loss and BLEU-4 of the greedy captions (the run's
+    `generation` settings) of every image with references, with `masks` applied."""
     lit.eval()
     metric = VQAAccuracy(lit.test_vqa.families)
+    captions, written = CaptionScores(), 0
     caption, n = 0.0, 0
     with head_mask(lit.model, masks):
         for batch in batches:
@@ -78,7 +83,15 @@ def evaluate(lit, batches: Iterable, masks: dict[str, torch.Tensor]) -> dict[str
                               batch.q_families)
             if "caption" in losses:
                 caption, n = caption + float(losses["caption"]), n + 1
-    return {"vqa_acc": float(metric.compute()["vqa_acc"]), "caption_loss": caption / max(n, 1)}
+            rows = [i for i, refs in enumerate(batch.refs) if refs]
+            if rows and "img" in out:
+                img = out["img"]
+                sub = type(img)(tokens=img.tokens[rows], mask=img.mask[rows], pooled=img.pooled[rows])  # (R, N, D)
+                hyps = generate_captions(lit.model, lit.dec_tok, sub, **lit.generation)
+                captions.update([str(batch.image_ids[i].item()) for i in rows], hyps, [batch.refs[i] for i in rows])
+                written += len(rows)
+    bleu = float(captions.compute()["bleu4"]) if written else float("nan")
+    return {"vqa_acc": float(metric.compute()["vqa_acc"]), "caption_loss": caption / max(n, 1), "bleu4": bleu}
 
 
 def ranked(scores: dict[str, torch.Tensor], stack: str) -> list[tuple[str, int, float]]:

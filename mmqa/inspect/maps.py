@@ -8,11 +8,14 @@ see, laid on the image's patch grid:
 - `question`: per fusion layer, each head's question-token -> patch attention (h, T, g, g): the
   text -> image cross-attention of cross fusion, or the question rows x patch columns of early fusion's
   joint self-attention (early fusion's other modality blocks are in `modality_blocks`);
-- `rollout`: attention rollout (Abnar & Zuidema 2020) through the ViT, CLS -> patches (g, g).
+- `rollout`: attention rollout (Abnar & Zuidema 2020) through the ViT, CLS -> patches (g, g);
+- `relevance`: the gradient-weighted relevance of the patches for the answer (Chefer et al. 2021,
+  `relevance.py`), from a second pass with gradients (g, g).
 
 `patch_relevance(explanation, method)` reduces them to one (g, g) map per method, the maps
 `faithfulness.py` checks: the last fusion layer's question attention, the mean over fusion layers, the
-ViT rollout, the question attention carried through the ViT rollout, and a random baseline. Late
+ViT rollout, the question attention carried through the ViT rollout, the gradient-weighted relevance,
+and a random baseline. Late
 fusion has no question -> patch attention, and says so.
 """
 
@@ -24,9 +27,10 @@ import torch
 
 from mmqa.errors import MMQAError
 from mmqa.inspect.capture import AttentionCall, capture_attention
+from mmqa.inspect.relevance import answer_relevance
 from mmqa.models.outputs import EncoderOutput
 
-METHODS = ("last_layer", "mean_layers", "vit_rollout", "question_rollout", "random")
+METHODS = ("last_layer", "mean_layers", "vit_rollout", "question_rollout", "chefer", "random")
 
 
 class InspectError(MMQAError, ValueError):
@@ -45,6 +49,8 @@ class Explanation:
     vit_rollout_matrix: torch.Tensor | None = None  # (N, N) patch -> patch part of the rollout, rows summing to 1
     pixels: torch.Tensor | None = None  # (1, 3, S, S) the image as the model read it
     encoded: EncoderOutput | None = None  # the question as the text encoder encoded it (one row)
+    relevance: torch.Tensor | None = None  # (g, g) gradient-weighted relevance for the answer (Chefer et al.)
+    relevance_note: str = ""  # why there is none
 
 
 def modality_blocks(weights: torch.Tensor, n_patches: int) -> dict[str, torch.Tensor]:
@@ -109,6 +115,14 @@ def explain(bundle, image, question: str) -> Explanation:
     ex.answer, ex.probability = bundle.answers[int(probs.argmax())], float(probs.max())
     ex.tokens = bundle.text_tokenizer.convert_ids_to_tokens(enc["input_ids"][0].tolist())
     ex.pixels, ex.encoded = pixels, q  # what faithfulness perturbs and re-reads
+    if not ex.question:
+        ex.relevance_note = "no question -> patch attention in this model (late fusion pools each modality first)"
+    else:
+        try:
+            ex.relevance = answer_relevance(model, pixels, enc["input_ids"], enc["attention_mask"],
+                                            bundle.answers.index(ex.answer), prefix)
+        except ValueError as e:  # an attention without a rule (bidirectional cross fusion's image blocks)
+            ex.relevance_note = str(e)
     return ex
 
 
@@ -122,6 +136,10 @@ def patch_relevance(ex: Explanation, method: str, generator: torch.Generator | N
         if ex.rollout is None:
             raise InspectError("vit_rollout: this image encoder's attention is not captured (not a timm ViT)")
         return ex.rollout
+    if method == "chefer":
+        if ex.relevance is None:
+            raise InspectError(f"chefer: {ex.relevance_note}")
+        return ex.relevance
     if not ex.question:
         raise InspectError(f"{method}: no question -> patch attention in this model (late fusion pools each "
                            f"modality before fusing); valid here: vit_rollout, random")
@@ -136,21 +154,23 @@ def patch_relevance(ex: Explanation, method: str, generator: torch.Generator | N
     return (layers[-1].reshape(1, -1) @ ex.vit_rollout_matrix).reshape(ex.grid, ex.grid)
 
 
-ROLLOUTS = {"rollout (ViT)": "vit_rollout", "question through the ViT rollout": "question_rollout"}
+DERIVED = {"rollout (ViT)": "vit_rollout", "question through the ViT rollout": "question_rollout",
+           "relevance for the answer (Chefer et al.)": "chefer"}
 
 
 def map_choices(ex: Explanation) -> list[str]:
     """The maps a user may pick for this model: each fusion layer's question -> patch attention, each
-    ViT layer's CLS -> patch attention, and the rollouts the model has."""
-    rollouts = [name for name, method in ROLLOUTS.items() if ex.rollout is not None and (ex.question or method == "vit_rollout")]
-    return [*ex.question, *ex.vit, *rollouts]
+    ViT layer's CLS -> patch attention, and the derived maps (rollouts, relevance) the model has."""
+    has = {"vit_rollout": ex.rollout is not None, "question_rollout": ex.rollout is not None and bool(ex.question),
+           "chefer": ex.relevance is not None}
+    return [*ex.question, *ex.vit, *(name for name, method in DERIVED.items() if has[method])]
 
 
 def pick_map(ex: Explanation, choice: str, head: str = "mean") -> torch.Tensor:
     """The (g, g) map of `choice` (one of `map_choices`) for `head` ("mean" or a head number); question
     maps are averaged over the question's tokens."""
-    if choice in ROLLOUTS and choice in map_choices(ex):
-        return patch_relevance(ex, ROLLOUTS[choice])
+    if choice in DERIVED and choice in map_choices(ex):
+        return patch_relevance(ex, DERIVED[choice])
     maps = ex.question.get(choice)
     maps = maps.mean(1) if maps is not None else ex.vit.get(choice)  # (h, g, g)
     if maps is None:

@@ -7,8 +7,11 @@
   cross-attention while writing it), `maps.csv` (site, head, token, row, col, weight);
 - task=faithfulness: `faithfulness.csv` (one row per example and method), `summary.csv`, `curves.png`
   (mean deletion and insertion curves per method);
-- task=heads: `importance.csv`, `masking.csv`, `masking.png`; task=lens: `lens.csv`, `lens.png`;
-- task=compare: `heads.csv` (JS divergence and entropies), `cka.csv`, `words.csv`, `js.png`.
+- task=heads: `importance.csv`, `masking.csv`, `masking.png`;
+- task=lens: `lens.csv`, `lens.png` (the VQA head per fusion layer), `decoder_lens.csv`, `decoder_lens.png`
+  (the LM head per decoder layer);
+- task=compare: `heads.csv` (JS divergence and entropies), `cka.csv`, `words.csv`, `js.png`;
+- task=patching: `patching.csv` (one row per site), `patching.png`.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from mmqa.atomic import write_atomic
 from mmqa.figures import new_figure
 from mmqa.inspect.maps import METHODS, Explanation, InspectError, patch_relevance
 
-VQA_POINT = 0.01  # "one point" of VQA accuracy
+VQA_POINT = 0.01  # "one point" of VQA accuracy, and of BLEU-4
 CAPTION_POINT = 0.01  # and of the caption loss, in nats per token (about 1% perplexity)
 
 
@@ -155,6 +158,8 @@ def heads_files(scores: dict[str, torch.Tensor], curve: list[dict], command: str
         ax = fig.add_subplot(1, len(stacks), i + 1)
         pts = [r for r in curve if r["stack"] == stack]
         ax.plot([r["fraction"] for r in pts], [r["vqa_acc"] for r in pts], marker="o", label="VQA accuracy")
+        ax.plot([r["fraction"] for r in pts], [r["bleu4"] for r in pts], marker="^", color="C2", label="BLEU-4")
+        ax.legend(loc="lower left", fontsize=8)
         ax.set_xlabel("share of heads masked, least important first")
         ax.set_title(stack)
         ax.set_ylim(0, 1)
@@ -162,26 +167,29 @@ def heads_files(scores: dict[str, torch.Tensor], curve: list[dict], command: str
             twin = ax.twinx()
             twin.plot([r["fraction"] for r in pts], [r["caption_loss"] for r in pts], color="C1", marker="s")
             twin.set_ylabel("caption loss (orange)")
-        ax.set_ylabel("VQA accuracy")
+        ax.set_ylabel("VQA accuracy, BLEU-4")
     files["masking.png"] = _png(fig)
     lines = ["# Inspect: which heads matter", "", f"`{command}`", "",
              "Importance = E|dL/dξ| of a mask ξ on each head's output (Michel et al. 2019), L = VQA + caption "
              "loss, normalised per site. Each stack's heads are then masked least important first. A point on "
-             f"the curve costs <= 1 point when VQA accuracy drops by at most {VQA_POINT} and (for every stack, "
-             f"since the image tower also serves the decoder) the caption loss rises by at most {CAPTION_POINT} "
-             "nats per token.", "",
-             "| stack | heads | VQA, none masked | most masked at <= 1 point | VQA there | caption loss: none -> there |",
-             "|---|---|---|---|---|---|"]
+             f"the curve costs <= 1 point when VQA accuracy and BLEU-4 of greedy captions each drop by at most "
+             f"{VQA_POINT} and (for every stack, since the image tower also serves the decoder) the caption "
+             f"loss rises by at most {CAPTION_POINT} nats per token.", "",
+             "| stack | heads | VQA, none masked | most masked at <= 1 point | VQA there | BLEU-4: none -> there "
+             "| caption loss: none -> there |",
+             "|---|---|---|---|---|---|---|"]
     best = {}
     for stack in stacks:
         pts = [r for r in curve if r["stack"] == stack]
         base = pts[0]
         ok = [r for r in pts if r["vqa_acc"] >= base["vqa_acc"] - VQA_POINT
+              and not r["bleu4"] < base["bleu4"] - VQA_POINT  # nan (no captions): not a criterion
               and r["caption_loss"] <= base["caption_loss"] + CAPTION_POINT]
         best[stack] = max(ok, key=lambda r: r["heads_masked"])
         b = best[stack]
         lines.append(f"| {stack} | {base['heads']} | {base['vqa_acc']:.3f} | {b['heads_masked']} ({b['fraction']:.0%}) "
-                     f"| {b['vqa_acc']:.3f} | {base['caption_loss']:.3f} -> {b['caption_loss']:.3f} |")
+                     f"| {b['vqa_acc']:.3f} | {base['bleu4']:.3f} -> {b['bleu4']:.3f} "
+                     f"| {base['caption_loss']:.3f} -> {b['caption_loss']:.3f} |")
     lines += ["", "The heads that go at <= 1 point (per stack, the largest such set on the curve):", ""]
     lines += [f"- {stack}: {b['masked'] or 'none'}" for stack, b in best.items()]
     lines += ["", "![masking](masking.png)", "", "Every importance is in `importance.csv`, every point in `masking.csv`."]
@@ -189,8 +197,9 @@ def heads_files(scores: dict[str, torch.Tensor], curve: list[dict], command: str
     return files
 
 
-def lens_files(rows: list[dict], command: str) -> dict[str, bytes | str]:
-    """VQA accuracy when the head reads each fusion layer, overall and per family."""
+def lens_files(rows: list[dict], decoder_rows: list[dict], command: str) -> dict[str, bytes | str]:
+    """VQA accuracy when the head reads each fusion layer, overall and per family; next-token accuracy
+    and loss when the LM head reads each decoder layer (`decoder_rows`, empty without captions)."""
     keys = [k for k in rows[0] if k.startswith("vqa_acc")]
     fig = new_figure(6.0, 4.0)
     ax = fig.add_subplot()
@@ -206,8 +215,34 @@ def lens_files(rows: list[dict], command: str) -> dict[str, bytes | str]:
              "The VQA head reads the fusion's output after each layer (its final norm and pooling applied).", "",
              "| layer | " + " | ".join(names) + " |", "|---" * (len(keys) + 1) + "|"]
     lines += ["| " + " | ".join([str(r["layer"])] + [f"{r[k]:.3f}" for k in keys]) + " |" for r in rows]
-    lines += ["", "![lens](lens.png)"]
-    return {"lens.csv": _csv(rows), "lens.png": _png(fig), "report.md": "\n".join(lines) + "\n"}
+    lines += ["", "![lens](lens.png)", "", "## The decoder", ""]
+    files: dict[str, bytes | str] = {"lens.csv": _csv(rows), "lens.png": _png(fig)}
+    if decoder_rows:
+        files["decoder_lens.csv"], files["decoder_lens.png"] = _csv(decoder_rows), _decoder_lens_figure(decoder_rows)
+        lines += [f"GPT-2's final layer norm and LM head read the hidden state after each decoder layer, on the "
+                  f"teacher-forced captions of these batches ({decoder_rows[0]['tokens']} labelled tokens): "
+                  "next-token accuracy and cross-entropy (nats per token). The last layer's row is the model's own.",
+                  "", "| layer | next-token accuracy | loss |", "|---|---|---|"]
+        lines += [f"| {r['layer']} | {r['accuracy']:.3f} | {r['loss']:.3f} |" for r in decoder_rows]
+        lines += ["", "![decoder lens](decoder_lens.png)"]
+    else:
+        lines += ["No captions in these batches: nothing for the decoder to read."]
+    files["report.md"] = "\n".join(lines) + "\n"
+    return files
+
+
+def _decoder_lens_figure(rows: list[dict]) -> bytes:
+    fig = new_figure(6.0, 4.0)
+    ax = fig.add_subplot()
+    layers = [r["layer"] for r in rows]
+    ax.plot(layers, [r["accuracy"] for r in rows], marker="o", label="next-token accuracy")
+    ax.set_xlabel("decoder layer read by the LM head")
+    ax.set_ylabel("next-token accuracy")
+    ax.set_xticks(layers)
+    twin = ax.twinx()
+    twin.plot(layers, [r["loss"] for r in rows], color="C1", marker="s")
+    twin.set_ylabel("loss, nats per token (orange)")
+    return _png(fig)
 
 
 def compare_files(result: dict, command: str, top: int = 10) -> dict[str, bytes | str]:
@@ -242,6 +277,31 @@ def compare_files(result: dict, command: str, top: int = 10) -> dict[str, bytes 
     lines += ["", "![js](js.png)", "", "Every number is in `heads.csv`, `cka.csv` and `words.csv`."]
     return {"heads.csv": _csv(heads), "cka.csv": _csv(cka), "words.csv": _csv(words), "js.png": _png(fig),
             "report.md": "\n".join(lines) + "\n"}
+
+
+def patching_files(rows: list[dict], counts: dict[str, int], command: str) -> dict[str, bytes | str]:
+    """The share of the clean answer each patched site restores (`patching.evaluate`), as bars."""
+    fig = new_figure(max(6.0, 1.5 + 0.5 * len(rows)), 4.5)
+    ax = fig.add_subplot()
+    x = np.arange(len(rows))
+    ax.bar(x - 0.2, [r["restored"] for r in rows], 0.4, yerr=[r["restored_se"] for r in rows], label="answer restored (mean share)")
+    ax.bar(x + 0.2, [r["answer_restored"] for r in rows], 0.4, label="pairs answered as clean")
+    ax.set_xticks(x, [r["site"] for r in rows], rotation=60, ha="right", fontsize=7)
+    ax.axhline(0, color="gray", linewidth=0.8)
+    ax.legend(fontsize="small")
+    ax.set_title("one site patched from the clean run")
+    lines = ["# Inspect: activation patching", "", f"`{command}`", "",
+             "Pairs of scenes that differ in one object's colour, asked \"what colour is the ...?\" about it. Each "
+             "site's activation is copied from the clean run into the corrupted run, one site at a time. Restored: "
+             "(p(patched) - p(corrupted)) / (p(clean) - p(corrupted)), p the sigmoid probability of the clean "
+             "answer (mean ± one standard error over pairs); answered as clean: the share of pairs whose patched "
+             "answer is the clean one.", "",
+             f"{counts['tried']} pairs tried, {counts['used']} used: {counts['clean_wrong']} skipped as the clean "
+             f"answer was wrong, {counts['corrupted_unchanged']} as the corrupted answer was the clean one.", "",
+             "| site | restored | answered as clean |", "|---|---|---|"]
+    lines += [f"| {r['site']} | {r['restored']:.3f} ± {r['restored_se']:.3f} | {r['answer_restored']:.3f} |" for r in rows]
+    lines += ["", "![patching](patching.png)", "", "Every number is in `patching.csv`."]
+    return {"patching.csv": _csv(rows), "patching.png": _png(fig), "report.md": "\n".join(lines) + "\n"}
 
 
 def write(folder: Path, files: dict[str, bytes | str]) -> list[Path]:

@@ -20,7 +20,7 @@ import math
 import random
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -225,6 +225,15 @@ def render_scene(scene: Scene, image_size: int, np_rng: np.random.Generator) -> 
     for o in scene.objects:
         _draw_object(draw, o)
     return image
+
+
+def recolour(scene: Scene, index: int, colour: str) -> Scene:
+    """`scene` with object `index` painted `colour` and nothing else changed: drawn by `render_scene`
+    with the same noise, the two images differ only inside that object (activation patching's pairs,
+    mmqa/inspect/patching.py)."""
+    objects = list(scene.objects)
+    objects[index] = replace(objects[index], colour=colour)
+    return replace(scene, objects=tuple(objects))
 
 
 def _draw_object(draw: ImageDraw.ImageDraw, o: ShapeObject) -> None:
@@ -524,6 +533,16 @@ def generate_shapes(
                   min_captions=min_captions, max_captions=max_captions, seed=seed, families=list(families))
     _check_params(params)
     return cached_dataset(root, "shapes", GENERATOR_VERSION, params, lambda out: _write_dataset(out, params, progress))
+
+
+def read_scenes(dataset: str | Path, split: str) -> list[Scene]:
+    """The scenes of one split of a generated dataset (its `scenes.jsonl`), in image order."""
+    scenes = []
+    with open(Path(dataset) / "scenes.jsonl", encoding="utf-8") as f:
+        for row in map(json.loads, f):
+            if row["split"] == split:
+                scenes.append(Scene(row["background"], row["style"], tuple(ShapeObject(**o) for o in row["objects"])))
+    return scenes
 
 
 def _check_params(p: dict) -> None:
