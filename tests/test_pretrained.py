@@ -93,6 +93,12 @@ def test_real_minilm_text_encoder_works_offline(data_dir, tmp_path):
     model = build_model(cfg.model, 4, text_tok, dec_tok).eval()
     n = sum(p.numel() for p in model.text_encoder.parameters())
     assert 22_000_000 < n < 23_000_000
+    assert not any(p.requires_grad for p in model.text_encoder.parameters())  # kept as pretrained by default
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        default = compose("train", path_overrides(data_dir, tmp_path))  # the real default, no debug sizes
+        tuned = compose("train", [*overrides, "model/text_encoder=minilm", "model.text_encoder.trainable=true"])
+    assert default.model.text_encoder.pretrained == cfg.model.text_encoder.pretrained and not default.model.text_encoder.trainable
+    assert all(p.requires_grad for p in build_model(tuned.model, 4, text_tok, dec_tok).text_encoder.parameters())
     enc = text_tok(texts, padding=True, return_tensors="pt")
     with torch.no_grad():
         out = model.text_encoder(enc["input_ids"], enc["attention_mask"])

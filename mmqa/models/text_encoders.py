@@ -28,9 +28,11 @@ class HFTextEncoder(nn.Module):
         max_length: int | None = None,
         dropout: float | None = None,
         pretrained: str | None = None,
+        trainable: bool = True,
     ):
         """With `pretrained` (a path, `pkg:NAME` or a hub name) the sizes come from the checkpoint and the
-        numbers here are ignored; without it they define the BERT that is built."""
+        numbers here are ignored; without it they define the BERT that is built. `trainable=False`
+        keeps the weights as loaded (a frozen tower, whose outputs a training run caches)."""
         super().__init__()
         if pretrained:
             self.model = load_pretrained(
@@ -49,6 +51,7 @@ class HFTextEncoder(nn.Module):
             )
             self.model = AutoModel.from_config(config, attn_implementation="sdpa", add_pooling_layer=False)
         self.out_dim = self.model.config.hidden_size
+        self.requires_grad_(trainable)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> EncoderOutput:  # (B, T) each
         tokens = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, D)
