@@ -26,7 +26,7 @@ from mmqa.inspect.compare import check_comparable, compare, js_divergence
 from mmqa.inspect.heads import evaluate, head_counts, head_mask, importance, pruning_curve
 from mmqa.inspect.lens import decoder_lens, fusion_layers, logit_lens
 from mmqa.inspect.maps import METHODS, InspectError, caption_maps, explain, modality_blocks, patch_relevance, rollout
-from mmqa.inspect.patching import colour_pairs, patching, probabilities, restored, sites, trace, world_pairs
+from mmqa.inspect.patching import colour_pairs, object_patches, patching, probabilities, restored, sites, trace, world_pairs
 from mmqa.models.fusion.late import LateFusion
 from mmqa.models.layers import Attention
 
@@ -289,6 +289,16 @@ def test_patching_the_fusion_input_restores_the_clean_answer_and_nothing_restore
     torch.testing.assert_close(fractions["nothing"], torch.zeros(len(pairs)), atol=1e-5, rtol=0)
     # the first fusion layer's output alone: the second layer still reads the corrupted image
     assert not torch.allclose(fractions["fusion/text_blocks.0"], ones, atol=1e-2)
+    # object patches: the patches the recolouring touched; all of them patched is the whole site, none is nothing
+    region = object_patches(clean, corrupted, model.grid)  # (P, N)
+    assert region.any(1).all() and not region.all(1).any()
+    with torch.no_grad():
+        every = restored(trace(model, clean, corrupted, question, site_list, torch.ones_like(region)), answer)
+        none = restored(trace(model, clean, corrupted, question, site_list, torch.zeros_like(region)), answer)
+    for name in ("fusion/input", "image/blocks.0"):
+        torch.testing.assert_close(every[f"{name} (object patches)"], ones, atol=1e-5, rtol=0)
+        torch.testing.assert_close(none[f"{name} (object patches)"], torch.zeros(len(pairs)), atol=1e-5, rtol=0)
+    assert "fusion/text_blocks.0 (object patches)" not in every  # the question stream has no patches
     site = site_list[-1]
     with pytest.raises(RuntimeError, match="boom"), patching(site, torch.zeros(1)):
         raise RuntimeError("boom")
@@ -314,7 +324,8 @@ def test_inspect_cli_writes_the_decoder_lens_and_one_patching_row_per_site(bundl
                                                    config_name="inspect"))}
     assert written == {"patching.csv", "patching.png", "report.md"}
     rows = list(csv.DictReader((tmp_path / "patch" / "patching.csv").open()))
-    assert [r["site"] for r in rows] == [s.name for s in sites(bundle.model)]
+    assert [r["site"] for r in rows] == [n for s in sites(bundle.model)
+                                         for n in (s.name, *([f"{s.name} (object patches)"] if s.prefix is not None else []))]
     assert all(int(r["pairs"]) + int(r["skipped"]) == 6 for r in rows)
     assert "6 pairs tried" in (tmp_path / "patch" / "report.md").read_text()
     with pytest.raises(ConfigError, match="task=patching needs pairs >= 1; got pairs=0"):

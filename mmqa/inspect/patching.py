@@ -15,6 +15,12 @@ run's, one site at a time (`sites`):
 - `fusion/text_blocks.i` (cross fusion: the question stream) or `fusion/blocks.i` (early fusion: the
   joint sequence): the output of fusion layer i. Late fusion has no layers, and says so.
 
+A whole ViT block or the whole fusion input carries everything the image says, so patching one
+restores the answer completely by construction; the informative variant of those sites, `<site>
+(object patches)`, copies only the tokens of the patches the recolouring touched (`object_patches`:
+where the two images differ) and keeps the corrupted run's everywhere else: how much of the answer
+sits in the object's own tokens at that depth, and how much has spread to the others.
+
 Per site, over the pairs the model answers correctly when clean and otherwise when corrupted: the mean
 share of the answer restored, (p_A(patched) - p_A(corrupted)) / (p_A(clean) - p_A(corrupted)), with p_A
 the sigmoid probability of A (the VQA head scores each answer on its own), and the share of pairs whose
@@ -58,6 +64,7 @@ class Site:
     name: str
     module: nn.Module
     reads_input: bool = False  # the activation is the module's first input, not its output
+    prefix: int | None = None  # tokens before the patches in the activation (CLS); None: no patch tokens
 
 
 def colour_pairs(scenes: Sequence[Scene], image_size: int, n: int, seed: int) -> list[Pair]:
@@ -108,8 +115,9 @@ def sites(model: nn.Module) -> list[Site]:
     """Every site patched, in the order the model runs them: ViT blocks, the fusion's input, fusion layers."""
     layers = fusion_layers(model.fusion, "activation patching")
     names = {m: name for name, m in model.fusion.named_modules()}
-    return [*(Site(f"image/blocks.{i}", blk) for i, blk in enumerate(vit_blocks(model.image_encoder))),
-            Site("fusion/input", model.fusion, reads_input=True),
+    prefix = getattr(getattr(model.image_encoder, "vit", None), "num_prefix_tokens", 1)
+    return [*(Site(f"image/blocks.{i}", blk, prefix=prefix) for i, blk in enumerate(vit_blocks(model.image_encoder))),
+            Site("fusion/input", model.fusion, reads_input=True, prefix=0),
             *(Site(f"fusion/{names[blk]}", blk) for blk in layers)]
 
 
@@ -141,6 +149,13 @@ def patching(site: Site, value: torch.Tensor) -> contextlib.AbstractContextManag
         lambda m, args, out: (value, *out[1:]) if isinstance(out, tuple) else value)])
 
 
+def object_patches(clean: torch.Tensor, corrupted: torch.Tensor, grid: int) -> torch.Tensor:
+    """(P, N) bool: the patches where the two images (P, 3, S, S) differ in any pixel."""
+    changed = (clean != corrupted).any(1)  # (P, S, S)
+    P, S, _ = changed.shape
+    return changed.reshape(P, grid, S // grid, grid, S // grid).any(4).any(2).reshape(P, grid * grid)
+
+
 def probabilities(model: nn.Module, images: torch.Tensor, question: EncoderOutput) -> torch.Tensor:
     """(P, K) answer probabilities of question i about image i."""
     img = model.encode_images(images)  # tokens (P, N, D)
@@ -150,16 +165,23 @@ def probabilities(model: nn.Module, images: torch.Tensor, question: EncoderOutpu
 
 @torch.no_grad()
 def trace(model: nn.Module, clean: torch.Tensor, corrupted: torch.Tensor, question: EncoderOutput,
-          site_list: Sequence[Site]) -> dict[str, torch.Tensor]:
-    """{"clean": (P, K), "corrupted": (P, K), site name: (P, K) with that site patched from the clean run}:
+          site_list: Sequence[Site], regions: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """{"clean": (P, K), "corrupted": (P, K), site name: (P, K) with that site patched from the clean run,
+    and with `regions` (P, N) bool, "<site> (object patches)": only those patches' tokens patched}:
     answer probabilities of P pairs, images (P, 3, S, S) each, question i about pair i."""
     recorded: dict[str, torch.Tensor] = {}
     with recording(site_list, recorded):
         out = {"clean": probabilities(model, clean, question)}
-    out["corrupted"] = probabilities(model, corrupted, question)
+    base: dict[str, torch.Tensor] = {}
+    with recording(site_list, base):
+        out["corrupted"] = probabilities(model, corrupted, question)
     for site in site_list:
         with patching(site, recorded[site.name]):
             out[site.name] = probabilities(model, corrupted, question)
+        if regions is not None and site.prefix is not None:
+            keep = torch.nn.functional.pad(regions, (site.prefix, 0))[..., None]  # (P, prefix + N, 1)
+            with patching(site, torch.where(keep, recorded[site.name], base[site.name])):
+                out[f"{site.name} (object patches)"] = probabilities(model, corrupted, question)
     return out
 
 
@@ -175,15 +197,15 @@ def evaluate(bundle, pairs: Sequence[Pair]) -> tuple[list[dict], dict[str, int]]
     counts of the pairs tried, used and skipped)."""
     model = bundle.model.eval()
     site_list = sites(model)
-    fractions: dict[str, list[torch.Tensor]] = {s.name: [] for s in site_list}
-    flipped: dict[str, list[torch.Tensor]] = {s.name: [] for s in site_list}
+    fractions: dict[str, list[torch.Tensor]] = {}
+    flipped: dict[str, list[torch.Tensor]] = {}
     counts = {"tried": len(pairs), "used": 0, "clean_wrong": 0, "corrupted_unchanged": 0}
     for start in range(0, len(pairs), BATCH):
         chunk = pairs[start:start + BATCH]
         with torch.no_grad():
             question = bundle._text([p.question for p in chunk], bundle.cfg.data.max_question_length)
-        probs = trace(model, bundle._images([p.clean for p in chunk]), bundle._images([p.corrupted for p in chunk]),
-                      question, site_list)
+        clean, corrupted = bundle._images([p.clean for p in chunk]), bundle._images([p.corrupted for p in chunk])
+        probs = trace(model, clean, corrupted, question, site_list, object_patches(clean, corrupted, model.grid))
         truth = torch.tensor([bundle.answers.index(p.answer) if p.answer in bundle.answers else -1 for p in chunk],
                              device=bundle.device)
         a, b = probs["clean"].argmax(-1), probs["corrupted"].argmax(-1)  # (P,)
@@ -193,13 +215,13 @@ def evaluate(bundle, pairs: Sequence[Pair]) -> tuple[list[dict], dict[str, int]]
         counts["corrupted_unchanged"] += int((right & (b == a)).sum())
         counts["used"] += int(used.sum())
         for name, f in restored(probs, a).items():
-            fractions[name].append(f[used].cpu())
-            flipped[name].append((probs[name].argmax(-1) == a)[used].cpu())
+            fractions.setdefault(name, []).append(f[used].cpu())
+            flipped.setdefault(name, []).append((probs[name].argmax(-1) == a)[used].cpu())
     rows = []
-    for s in site_list:
-        f, hit = torch.cat(fractions[s.name]).double(), torch.cat(flipped[s.name]).double()
+    for name in fractions:
+        f, hit = torch.cat(fractions[name]).double(), torch.cat(flipped[name]).double()
         n = len(f)
-        rows.append({"site": s.name, "pairs": n, "skipped": counts["tried"] - n, "restored": float(f.mean()) if n else math.nan,
+        rows.append({"site": name, "pairs": n, "skipped": counts["tried"] - n, "restored": float(f.mean()) if n else math.nan,
                      "restored_se": float(f.std() / math.sqrt(n)) if n > 1 else math.nan,
                      "answer_restored": float(hit.mean()) if n else math.nan})
     return rows, counts

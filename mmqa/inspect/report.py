@@ -292,7 +292,8 @@ def patching_files(rows: list[dict], counts: dict[str, int], command: str) -> di
     ax.set_title("one site patched from the clean run")
     lines = ["# Inspect: activation patching", "", f"`{command}`", "",
              "Pairs of scenes that differ in one object's colour, asked \"what colour is the ...?\" about it. Each "
-             "site's activation is copied from the clean run into the corrupted run, one site at a time. Restored: "
+             "site's activation is copied from the clean run into the corrupted run, one site at a time; "
+             "\"(object patches)\": only the tokens of the patches the recolouring touched. Restored: "
              "(p(patched) - p(corrupted)) / (p(clean) - p(corrupted)), p the sigmoid probability of the clean "
              "answer (mean ± one standard error over pairs); answered as clean: the share of pairs whose patched "
              "answer is the clean one.", "",
