@@ -67,10 +67,13 @@ def importance(lit, batches: Iterable) -> dict[str, torch.Tensor]:
     return {s: t / t.norm().clamp_min(1e-12) for s, t in total.items()}
 
 
+CAPTION_STACKS = ("image", "decoder")  # the stacks a caption passes through: masking others cannot change it
+
+
 @torch.no_grad()
-def evaluate(lit, batches: Iterable, masks: dict[str, torch.Tensor]) -> dict[str, float]:
-    """VQA accuracy (VQAv2 scoring), the caption loss and BLEU-4 of the greedy captions (the run's
-    `generation` settings) of every image with references, with `masks` applied."""
+def evaluate(lit, batches: Iterable, masks: dict[str, torch.Tensor], captions: bool = True) -> dict[str, float]:
+    """VQA accuracy (VQAv2 scoring), the caption loss and, with `captions`, BLEU-4 of the greedy captions
+    (the run's `generation` settings) of every image with references, with `masks` applied."""
     lit.eval()
     metric = VQAAccuracy(lit.test_vqa.families)
     captions, written = CaptionScores(), 0
@@ -83,7 +86,7 @@ def evaluate(lit, batches: Iterable, masks: dict[str, torch.Tensor]) -> dict[str
                               batch.q_families)
             if "caption" in losses:
                 caption, n = caption + float(losses["caption"]), n + 1
-            rows = [i for i, refs in enumerate(batch.refs) if refs]
+            rows = [i for i, refs in enumerate(batch.refs) if refs] if captions else []
             if rows and "img" in out:
                 img = out["img"]
                 sub = type(img)(tokens=img.tokens[rows], mask=img.mask[rows], pooled=img.pooled[rows])  # (R, N, D)
@@ -111,11 +114,14 @@ def pruning_curve(lit, batches: list, scores: dict[str, torch.Tensor], fractions
     """Per stack and fraction: mask that share of the stack's heads, least important first, and evaluate."""
     counts = head_counts(lit.model)
     rows = []
+    bleu = evaluate(lit, batches, {})["bleu4"]  # what the stacks a caption does not pass through leave it at
     for stack in dict.fromkeys(s.split("/")[0] for s in counts):
         order = ranked(scores, stack)
         for f in fractions:
             k = round(f * len(order))
-            result = evaluate(lit, batches, masks_without(counts, order[:k]))
+            captions = stack in CAPTION_STACKS
+            result = evaluate(lit, batches, masks_without(counts, order[:k]), captions)
+            result["bleu4"] = result["bleu4"] if captions else bleu
             rows.append({"stack": stack, "fraction": f, "heads_masked": k, "heads": len(order), **result,
                          "masked": " ".join(f"{s}:h{h}" for s, h, _ in order[:k])})
     return rows
