@@ -15,8 +15,7 @@ see, laid on the image's patch grid:
 `patch_relevance(explanation, method)` reduces them to one (g, g) map per method, the maps
 `faithfulness.py` checks: the last fusion layer's question attention, the mean over fusion layers, the
 ViT rollout, the question attention carried through the ViT rollout, the gradient-weighted relevance,
-and a random baseline. Late
-fusion has no question -> patch attention, and says so.
+and a random baseline. Late fusion has no question -> patch attention, and says so.
 """
 
 from __future__ import annotations
