@@ -217,8 +217,7 @@ class LitMMQA(L.LightningModule):
         return rows[: max(0, self.max_caption_eval_images - done)]
 
     def _subset(self, img, rows: list[int]):
-        idx = torch.tensor(rows, device=self.device)
-        return type(img)(tokens=img.tokens[idx], mask=img.mask[idx], pooled=img.pooled[idx])
+        return img.take(torch.tensor(rows, device=self.device))
 
     def _score_recipes(self, batch: Batch, img, split: str) -> None:
         """Write recipes from the predicted ingredients: BLEU-4 of the instructions, and the share of

@@ -7,6 +7,7 @@ does, patching the fusion's input restores the clean answer, and bad requests na
 from __future__ import annotations
 
 import csv
+import math
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -66,6 +67,8 @@ def test_explain_lays_every_map_on_the_patch_grid(bundle, data_dir):
     torch.testing.assert_close(ex.vit_rollout_matrix.sum(-1), torch.ones(g * g))
     for method in METHODS:
         assert patch_relevance(ex, method, torch.Generator().manual_seed(0)).shape == (g, g)
+    with pytest.raises(InspectError, match=r"chefer: not computed \(explain\(\.\.\., relevance=False\)\)"):
+        patch_relevance(explain(bundle, image, QUESTION, relevance=False), "chefer")
 
 
 def test_late_fusion_says_it_has_no_patch_attention(data_dir, tmp_path):
@@ -185,6 +188,7 @@ def test_head_importance_and_the_masking_curve(bundle, data_dir, tmp_path):
             assert row["vqa_acc"] == none["vqa_acc"] and row["caption_loss"] == pytest.approx(none["caption_loss"])
             assert row["bleu4"] == pytest.approx(none["bleu4"])
     assert 0 <= none["bleu4"] <= 1
+    assert math.isnan(evaluate(lit, batches, {}, captions=False)["bleu4"])  # no captions written
     text_all = next(r for r in curve if r["stack"] == "text" and r["fraction"] == 1.0)
     assert text_all["bleu4"] == pytest.approx(none["bleu4"])  # captions do not read the question
     decoder_all = next(r for r in curve if r["stack"] == "decoder" and r["fraction"] == 1.0)

@@ -56,7 +56,7 @@ def curves(bundle, pixels: torch.Tensor, question, answer: int, order: torch.Ten
     inserted = pixels * chosen
     img = model.encode_images(torch.cat([deleted, inserted]))
     idx = torch.zeros(img.tokens.shape[0], dtype=torch.long, device=pixels.device)
-    rows = type(question)(tokens=question.tokens[idx], mask=question.mask[idx], pooled=question.pooled[idx])
+    rows = question.take(idx)
     logits, _ = model.answer_logits(img, torch.arange(img.tokens.shape[0], device=pixels.device), rows)
     probs = logits[:, answer].sigmoid().cpu().numpy()
     k = steps + 1
@@ -70,7 +70,7 @@ def evaluate(bundle, examples, methods: list[str], steps: int, seed: int = 0):
     generator = torch.Generator().manual_seed(seed)
     rows, sums = [], {}
     for image, question in examples:
-        ex = explain(bundle, image, question)
+        ex = explain(bundle, image, question, relevance="chefer" in methods)
         answer = bundle.answers.index(ex.answer)
         for method in methods:
             relevance = patch_relevance(ex, method, generator).flatten()  # (N,)

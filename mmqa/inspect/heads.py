@@ -76,7 +76,7 @@ def evaluate(lit, batches: Iterable, masks: dict[str, torch.Tensor], captions: b
     (the run's `generation` settings) of every image with references, with `masks` applied."""
     lit.eval()
     metric = VQAAccuracy(lit.test_vqa.families)
-    captions, written = CaptionScores(), 0
+    scores, written = CaptionScores(), 0
     caption, n = 0.0, 0
     with head_mask(lit.model, masks):
         for batch in batches:
@@ -88,12 +88,10 @@ def evaluate(lit, batches: Iterable, masks: dict[str, torch.Tensor], captions: b
                 caption, n = caption + float(losses["caption"]), n + 1
             rows = [i for i, refs in enumerate(batch.refs) if refs] if captions else []
             if rows and "img" in out:
-                img = out["img"]
-                sub = type(img)(tokens=img.tokens[rows], mask=img.mask[rows], pooled=img.pooled[rows])  # (R, N, D)
-                hyps = generate_captions(lit.model, lit.dec_tok, sub, **lit.generation)
-                captions.update([str(batch.image_ids[i].item()) for i in rows], hyps, [batch.refs[i] for i in rows])
+                hyps = generate_captions(lit.model, lit.dec_tok, out["img"].take(rows), **lit.generation)
+                scores.update([str(batch.image_ids[i].item()) for i in rows], hyps, [batch.refs[i] for i in rows])
                 written += len(rows)
-    bleu = float(captions.compute()["bleu4"]) if written else float("nan")
+    bleu = float(scores.compute()["bleu4"]) if written else float("nan")
     return {"vqa_acc": float(metric.compute()["vqa_acc"]), "caption_loss": caption / max(n, 1), "bleu4": bleu}
 
 

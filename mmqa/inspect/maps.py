@@ -93,8 +93,9 @@ def _split(calls: list[AttentionCall], grid: int, prefix: int) -> Explanation:
 
 
 @torch.no_grad()
-def explain(bundle, image, question: str) -> Explanation:
-    """Answer `question` about `image` with every attention captured (outputs as without capture)."""
+def explain(bundle, image, question: str, relevance: bool = True) -> Explanation:
+    """Answer `question` about `image` with every attention captured (outputs as without capture);
+    `relevance`: also the gradient-weighted relevance, which costs a pass with gradients."""
     model = bundle.model
     pixels = bundle._images([image])  # (1, 3, S, S)
     with bundle._tokenizer_lock:
@@ -114,7 +115,9 @@ def explain(bundle, image, question: str) -> Explanation:
     ex.answer, ex.probability = bundle.answers[int(probs.argmax())], float(probs.max())
     ex.tokens = bundle.text_tokenizer.convert_ids_to_tokens(enc["input_ids"][0].tolist())
     ex.pixels, ex.encoded = pixels, q  # what faithfulness perturbs and re-reads
-    if not ex.question:
+    if not relevance:
+        ex.relevance_note = "not computed (explain(..., relevance=False))"
+    elif not ex.question:
         ex.relevance_note = "no question -> patch attention in this model (late fusion pools each modality first)"
     else:
         try:

@@ -15,6 +15,10 @@ class EncoderOutput:
     mask: torch.Tensor  # (B, N) bool, True where the token is real (not padding)
     pooled: torch.Tensor  # (B, D) one vector per input
 
+    def take(self, idx) -> EncoderOutput:
+        """The rows `idx` (indices or a (B,) index tensor) of every field."""
+        return EncoderOutput(tokens=self.tokens[idx], mask=self.mask[idx], pooled=self.pooled[idx])
+
 
 @dataclass
 class FusionOutput:
