@@ -103,6 +103,7 @@ class TrainConfig:
     compile: bool = MISSING
     freeze: list[str] = MISSING
     text_cache: int = MISSING
+    text_cache_fill: int = MISSING
     lr_scale: dict[str, float] = MISSING
     lora: Lora = field(default_factory=Lora)
     data: Any = MISSING
@@ -287,6 +288,7 @@ def _check_combinations(cfg: DictConfig, problems: list[str]) -> None:
         need(len(enc.mean) == 3 and len(enc.std) == 3 and all(s > 0 for s in enc.std),
              f"model.image_encoder.mean and .std need 3 values (R, G, B), std > 0; got {list(enc.mean)} and {list(enc.std)}")
     need(cfg.get("text_cache", 0) >= 0, f"text_cache must be >= 0 (0: no cache), got {cfg.get('text_cache')}")
+    need(cfg.get("text_cache_fill", 0) >= 0, f"text_cache_fill must be >= 0 (0: no fill before training), got {cfg.get('text_cache_fill')}")
     for tower, scale in (cfg.get("lr_scale") or {}).items():
         need(scale > 0, f"lr_scale.{tower} must be > 0 (freeze=[{tower}] keeps a tower as loaded), got {scale}")
     lora = cfg.get("lora")

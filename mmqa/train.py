@@ -84,6 +84,17 @@ def report_skipped(dm: MMQADataModule, out: Path) -> None:
         log.warning(f"data.on_bad_sample=skip: {skip_log.summary()}; each is listed in {out / SKIPPED}")
 
 
+def fill_text_cache(model, dm: MMQADataModule, rows_per_pass: int) -> None:
+    """Encode every distinct question and caption that fitting reads (train and val) through the frozen
+    text encoder before the first step, in long batches of like lengths (`text_cache_fill`)."""
+    start, n = time.perf_counter(), 0
+    for split in ("train", "val"):
+        if dm.load_records()[split]:
+            for ids, mask in dm.distinct_texts(split):
+                n += model.text_cache.fill(model.text_encoder, ids, mask, rows_per_pass)
+    log.info(f"text cache: {n} distinct texts encoded in {time.perf_counter() - start:.0f} s")
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     check_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
@@ -102,6 +113,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     dm, lit = build_experiment(cfg, assets)
     if cfg.compile:
         lit.model.compile_towers()
+    if lit.model.text_cache is not None and cfg.text_cache_fill > 0:
+        fill_text_cache(lit.model, dm, cfg.text_cache_fill)
     if rank_zero_only.rank == 0:
         (out / RUN_KEY).write_text(run_key(cfg))
         write_assets(out / "bundle", cfg, *dm.tokenizers, dm.answers, dm.ingredients)

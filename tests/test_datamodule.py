@@ -158,3 +158,29 @@ def test_a_test_paraphrase_file_is_read_as_its_own_split(tmp_path):
     records = datamodule(root).load_records()
     assert [qa.question for r in records["test_paraphrase"] for qa in r.questions] == ["number?"]
     assert datamodule(make_dataset(tmp_path / "e")).load_records()["test_paraphrase"] == []  # optional
+
+
+def test_training_batches_are_the_same_from_a_worker_and_after_a_mid_epoch_resume(tmp_path):
+    """The caption pick and the question noise are drawn from the batch's own seed, not a process's
+    random state: one loader worker gives the main process's batches, and a loader resumed at batch 2
+    gives the batches the uninterrupted epoch gave from there."""
+    root = make_dataset(tmp_path, n_images=12)
+    lines = [json.loads(x) for x in (root / "train.jsonl").read_text().splitlines()]
+    for x in lines:  # five captions per image, two drawn per step: the pick matters
+        if "captions" in x:
+            x["captions"] = [f"{x['captions'][0]} take {k}" for k in range(5)]
+    (root / "train.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+
+    def batches(workers, resume_at=None):
+        dm = datamodule(root, num_workers=workers, question_noise=QuestionNoise(insert=0.5))
+        tok = train_tokenizer(dm.train_texts(), 100, 1)
+        dm.attach(tok, tok, dm.answer_vocab(), [], [], NORMALIZATION)
+        loader = dm.loader("train", train=True)
+        if resume_at is not None:
+            loader.load_state_dict({"seed": loader.order.seed, "epoch": 0, "batches": resume_at})
+        return [(b.c_input_ids.tolist(), b.q_input_ids.tolist(), b.image_ids.tolist()) for b in loader]
+
+    main = batches(0)
+    assert len(main) == 3 and len({str(b[0]) for b in main}) == 3
+    assert batches(1) == main
+    assert batches(0, resume_at=2) == main[2:]

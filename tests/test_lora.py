@@ -96,6 +96,21 @@ def test_a_frozen_text_encoder_encodes_each_distinct_text_once_and_gives_what_a_
         tiny_parts()[2].cache_text(10)
 
 
+def test_filling_the_cache_up_front_leaves_a_training_batch_nothing_to_encode(tiny_parts):
+    cfg, dm, model, lit, batch = tiny_parts("freeze=[text_encoder]")
+    from mmqa.train import fill_text_cache
+
+    fill_text_cache(model, dm, rows_per_pass=5)  # several passes, each cut to its longest row
+    records = dm.load_records()
+    distinct = {t for s in ("train", "val") for r in records[s] for t in [*(qa.question for qa in r.questions), *r.captions]}
+    cache = model.text_cache
+    assert cache.misses == len(cache.rows) == len(distinct)  # val repeats some training texts: those hit
+    hits = cache.hits
+    model.encode_text(batch.q_input_ids, batch.q_attention_mask)
+    model.encode_text(batch.c_input_ids, batch.c_attention_mask)
+    assert cache.misses == len(distinct) and cache.hits - hits == len(batch.q_input_ids) + len(batch.c_input_ids)
+
+
 def test_a_pretrained_tower_learns_at_its_lr_scale_and_its_adapters_at_the_full_rate(tiny_parts):
     cfg, dm, model, lit, batch = tiny_parts("lora.r=4", "freeze=[image_encoder]", "lr_scale.text_encoder=0.01", "lr_scale.fusion=0.5")
     lit._trainer = types.SimpleNamespace(estimated_stepping_batches=10)  # what configure_optimizers reads

@@ -107,7 +107,12 @@ class Collator:
         max_recipe_length: int = 256,
         concepts: list[str] = (),
         question_noise: QuestionNoise | None = None,
+        seed: int = 0,
     ):
+        """`seed`: with the batch's item indices, it seeds the batch's random picks (which captions,
+        which noise), so a batch is the same whether it is made in the main process or a loader
+        worker, and again after a resume."""
+        self.seed = seed
         self.text_tok = text_tokenizer
         self.dec_tok = decoder_tokenizer
         self.answer_index = {a: i for i, a in enumerate(answers)}
@@ -120,7 +125,7 @@ class Collator:
         self.max_r = max_recipe_length
         self.question_noise = question_noise  # training batches only: made-up words (mmqa.data.augment)
 
-    def _encode_text(self, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_text(self, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not texts:
             empty = torch.zeros(0, 1, dtype=torch.long)
             return empty, empty
@@ -154,6 +159,7 @@ class Collator:
         return self._pad(seqs, [len(h) for h in heads])
 
     def __call__(self, items: list[tuple[int, torch.Tensor, ImageRecord]]) -> Batch:
+        rng = random.Random(f"mmqa-batch:{self.seed}:{[i for i, _, _ in items]}")  # a function of the batch alone
         questions, q_img, answers, families, targets = [], [], [], [], []
         captions, c_img, clip_caption, refs = [], [], [], []
         prompts, recipe_texts, r_img = [], [], []
@@ -167,7 +173,7 @@ class Collator:
                 recipe_texts.append(format_recipe(rec.recipe))
                 r_img.append(row)
             for qa in rec.questions:
-                questions.append(self.question_noise(qa.question, random) if self.question_noise else qa.question)
+                questions.append(self.question_noise(qa.question, rng) if self.question_noise else qa.question)
                 q_img.append(row)
                 answers.append(qa.answers)
                 families.append(qa.family)
@@ -178,13 +184,13 @@ class Collator:
                 targets.append(target)
             n = min(len(rec.captions), self.max_captions)
             # training sees a fresh random subset of the captions each time; evaluation the first ones
-            caps = random.sample(rec.captions, n) if self.train else rec.captions[:n]
+            caps = rng.sample(rec.captions, n) if self.train else rec.captions[:n]
             refs.append(list(rec.captions))
             clip_caption.append(len(captions) if caps else -1)  # contrastive pair: the first of `caps`
             captions.extend(caps)
             c_img.extend([row] * len(caps))
-        q_ids, q_mask = self._encode_text(questions, self.max_q)
-        c_ids, c_mask = self._encode_text(captions, self.max_c)
+        q_ids, q_mask = self.encode_text(questions, self.max_q)
+        c_ids, c_mask = self.encode_text(captions, self.max_c)
         c_dec_ids, c_dec_mask, c_dec_labels = self._encode_decoder(captions)
         r_ids, r_mask, r_labels = self._encode_recipes(prompts, recipe_texts)
         K = len(self.answer_index)

@@ -172,6 +172,15 @@ class MMQADataModule(L.LightningDataModule):
                 yield recipe_prompt(r.ingredients)
                 yield format_recipe(r.recipe)
 
+    def distinct_texts(self, split: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The split's distinct questions, then its distinct captions, each tokenised as a batch
+        tokenises it: [(input_ids, attention_mask) of the questions, (...) of the captions]."""
+        records = self.load_records()[split]
+        questions = sorted({qa.question for r in records for qa in r.questions})
+        captions = sorted({c for r in records for c in r.captions})
+        collate = Collator(*self.tokenizers, self.answers, train=False, **self.collate_args)
+        return [collate.encode_text(questions, collate.max_q), collate.encode_text(captions, collate.max_c)]
+
     def families(self, split: str = "train") -> list[str]:
         return sorted({qa.family for r in self.load_records()[split] for qa in r.questions if qa.family})
 
@@ -210,9 +219,10 @@ class MMQADataModule(L.LightningDataModule):
     def loader(self, split: str, train: bool) -> DataLoader:
         if self.tokenizers is None:
             raise RuntimeError("MMQADataModule.attach(...) must be called before asking for data loaders")
+        seed = torch.initial_seed()  # the run's seed (`seed_everything`)
         collate = Collator(
             *self.tokenizers, self.answers, train=train, ingredients=self.ingredients, concepts=self.concepts,
-            question_noise=self.question_noise if train else None, **self.collate_args,
+            question_noise=self.question_noise if train else None, seed=seed, **self.collate_args,
         )
         dataset = RecordDataset(self.load_records()[split], self.transform)
         args = dict(num_workers=self.num_workers, collate_fn=collate, persistent_workers=self.num_workers > 0)
@@ -220,7 +230,7 @@ class MMQADataModule(L.LightningDataModule):
         if train and not distributed:
             # seeded by the run's seed (`seed_everything`); under DDP, Lightning's DistributedSampler
             # orders by (seed, epoch) instead, and a mid-epoch resume replays the epoch's first batches
-            loader = self._train_loader = ResumableLoader(dataset, self.batch_size, seed=torch.initial_seed(), **args)
+            loader = self._train_loader = ResumableLoader(dataset, self.batch_size, seed=seed, **args)
             if self._resume_position is not None:
                 loader.load_state_dict(self._resume_position)
                 self._resume_position = None

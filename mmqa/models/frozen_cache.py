@@ -10,6 +10,8 @@ The key is a row's real tokens (its ids where the attention mask is set), so the
 different batch lengths is one entry. The tower runs in eval mode under `no_grad` (no dropout: a
 cached row must be what a fresh pass would give), on the rows not yet held only. The cache is
 training-time state, never saved: a bundle holds the model, and a loaded one encodes afresh.
+`fill` encodes a whole set of texts up front, shortest first, in large batches with little padding:
+cheaper than meeting them a training batch at a time.
 """
 
 from __future__ import annotations
@@ -32,6 +34,18 @@ class FrozenTextCache:
         self.max_rows = max_rows
         self.rows: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}  # key -> tokens (n, D), pooled (D,)
         self.hits = self.misses = 0
+
+    def fill(self, tower: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows_per_pass: int) -> int:
+        """Encode the rows (N, L) not yet held, `rows_per_pass` at a time in order of length, each pass
+        cut to its longest row; returns how many were encoded."""
+        before = self.misses
+        lengths = attention_mask.sum(1)  # (N,)
+        order = lengths.argsort()
+        for start in range(0, len(order), rows_per_pass):
+            rows = order[start:start + rows_per_pass]
+            width = int(lengths[rows].max())
+            self(tower, input_ids[rows, :width], attention_mask[rows, :width])
+        return self.misses - before
 
     def __call__(self, tower: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> EncoderOutput:
         mask = attention_mask.bool()  # (B, L)
