@@ -268,6 +268,23 @@ def test_breakdown_groups_by_family_and_phrasing_and_tabulates_confusion(tmp_pat
     assert groups["attribute: what colour is"] == (1.0, 1)
     assert groups["existence"] == (0.0, 1)
     assert confused == {"circle": {"square": 1}, "red": {"red": 1}, "square": {"square": 1}}
+    # by template: the built-in world's wording, first words for a question no template wrote
+    by_template = breakdown(records, lambda image, qs: [given[q] for q in qs], words=2, confusion=None, templates=True)[0]
+    assert by_template["attribute: what shape is the {ref}?"] == (0.5, 2)
+    assert by_template["attribute: what colour is the {ref}?"] == (1.0, 1)
+    assert by_template["existence: is there {a_desc}?"] == (0.0, 1)
+
+
+def test_template_of_names_the_wording_even_where_first_words_do_not():
+    from mmqa.data.worlds.wordings import template_of
+
+    assert template_of("compared with the red circle, is the blue square bigger?") == "compared with the {b}, is the {a} {cmp}?"
+    assert template_of("is the red circle bigger compared to the blue square?") == "is the {a} {cmp} compared to the {b}?"
+    assert template_of("is the red circle bigger than the blue square?") == "is the {a} {cmp} than the {b}?"
+    assert template_of("is the red circle left of the blue square?") == "is the {a} {rel} the {b}?"
+    assert template_of("is there a red circle in the image?") == "is there {a_desc} in the image?"
+    assert template_of("what dish is this?") == "what dish is this?"
+    assert template_of("why is the sky blue?") is None
 
 
 def test_breakdown_ratios_compare_each_family_and_weigh_the_overall_by_questions():

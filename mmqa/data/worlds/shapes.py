@@ -30,7 +30,7 @@ from mmqa.data.worlds.cache import Asked, Paraphrases, cached_dataset, common_pr
 from mmqa.errors import ConfigError
 
 # Part of the cache key: bump it whenever the same parameters would produce different files.
-GENERATOR_VERSION = 3  # 2: test_paraphrase added; 3: a comparison wording with the reference object first
+GENERATOR_VERSION = 2  # 2: test_paraphrase added; train, val and test are unchanged
 
 SHAPES = ("circle", "square", "triangle", "cross")
 PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses"}
@@ -81,10 +81,7 @@ TEMPLATES = {
         "what is the shape of the object {rel} the {ref}?",
     ),
     "is_beside": ("is the {a} {rel} the {b}?", "is the {a} located {rel} the {b}?"),
-    # the reference object first as well as last: trained on one order, a model takes the first object
-    # named for the one asked about (docs/phrasing.md)
-    "compare_yn": ("is the {a} {cmp} than the {b}?", "does the {a} look {cmp} than the {b}?",
-                   "relative to the {b}, is the {a} {cmp}?"),
+    "compare_yn": ("is the {a} {cmp} than the {b}?", "does the {a} look {cmp} than the {b}?"),
     "compare_which": (
         "which is {cmp}, the {a} or the {b}?",
         "which object is {cmp}: the {a} or the {b}?",
