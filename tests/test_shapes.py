@@ -180,8 +180,7 @@ def test_every_family_in_every_split_with_its_answer_types(small):
         for family, seen in answers.items():
             assert seen <= allowed[family], (split, family, seen - allowed[family])
         per_family = [sum(r["question_type"] == f for r in rows) for f in allowed]
-        # balanced, up to the few scenes that cannot host a family (no two sizes to compare, ...)
-        assert max(per_family) - min(per_family) <= max(0.2 * max(per_family), 3), (split, per_family)
+        assert max(per_family) - min(per_family) <= 0.2 * max(per_family), (split, per_family)
 
 
 def test_yes_no_answers_are_balanced(small):

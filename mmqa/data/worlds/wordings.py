@@ -2,7 +2,7 @@
 question from a template (the training wordings and the held-out ones of `test_paraphrase`), so a
 question's template names its phrasing exactly, where its first words may not ("compared with the
 red circle, is ..." and "is the red circle bigger compared to ..." are two wordings of one family):
-`python -m mmqa breakdown ... --by template`."""
+`python -m mmqa breakdown ... --templates`."""
 
 from __future__ import annotations
 
