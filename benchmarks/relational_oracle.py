@@ -1,6 +1,7 @@
 """How well each fusion variant reasons about where things are when perception is perfect.
 
     python benchmarks/relational_oracle.py [--fusions cross relation] [--epochs 8] [--threads 2]
+                                           [--set anchored_heads=2]   (keys of the fusion YAMLs)
 
 The full model must first learn to see shapes, colours and sizes before any relational question can
 be answered, so a short proxy run measures perception as much as reasoning (docs/relational.md).
@@ -126,9 +127,11 @@ def evaluate(model: OracleModel, split: dict, vocab: dict, answers: dict) -> dic
     return {k: right[k] / total[k] for k in total}
 
 
-def run(name: str, splits: dict, vocab: dict, answer_list: list[str], epochs: int, lr: float) -> dict:
+def run(name: str, splits: dict, vocab: dict, answer_list: list[str], epochs: int, lr: float,
+        overrides: list[str]) -> dict:
     cfg = OmegaConf.load(ROOT / "conf" / "model" / "fusion" / f"{name}.yaml")
     cfg.dim, cfg.dropout, cfg.attention, cfg.qk_norm = D, 0.0, None, False
+    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
     torch.manual_seed(0)
     answers = {a: i for i, a in enumerate(answer_list)}
     model = OracleModel(instantiate(cfg), len(vocab), len(answers))
@@ -155,11 +158,12 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="fusion config keys to change")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     splits, vocab, answers = load(dataset_dir())
-    results = {name: run(name, splits, vocab, answers, args.epochs, args.lr) for name in args.fusions}
+    results = {name: run(name, splits, vocab, answers, args.epochs, args.lr, args.set) for name in args.fusions}
     families = sorted(k for k in next(iter(results.values()))["test"] if k != "all")
     print(f"\n| fusion | split | all | {' | '.join(families)} | s / epoch |")
     print("| --- | --- | --- | " + " | ".join("---" for _ in families) + " | --- |")

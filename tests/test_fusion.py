@@ -14,7 +14,7 @@ D, N, T, B, Q = 32, 16, 7, 3, 5
 
 
 def test_registry_lists_the_designs():
-    assert VARIANTS == ["cross", "early", "late", "relation"]
+    assert VARIANTS == ["anchored", "cross", "early", "late", "relation"]
 
 
 def build(name: str, **extra):
@@ -30,6 +30,10 @@ def build(name: str, **extra):
     fusion = instantiate(cfg).eval()
     if name == "relation":  # its relation term starts at zero; random weights, so every test here sees it
         torch.nn.init.normal_(fusion.f[1].weight, std=0.5)
+    if name == "anchored":  # likewise its position bias and position read
+        for block in fusion.text_blocks:
+            torch.nn.init.normal_(block.cross_attn.gate.weight, std=0.5)
+            torch.nn.init.normal_(block.cross_attn.read.weight, std=0.5)
     return fusion
 
 
@@ -95,7 +99,7 @@ def test_attention_maps_on_request(name):
     assert out.attention.shape == (Q, 4, T, N)
     assert (out.attention >= 0).all()
     sums = out.attention.sum(-1)  # over image patches
-    if name in ("cross", "relation"):
+    if name in ("anchored", "cross", "relation"):
         assert torch.allclose(sums, torch.ones_like(sums), atol=1e-5)
     else:  # early fusion also attends to text tokens, so only part of the mass is on the image
         assert (sums <= 1 + 1e-5).all() and (sums > 0).all()
@@ -158,14 +162,14 @@ def test_cross_fusion_cannot_tell_where_things_are_without_position_in_the_token
                           fusion(img, img_mask, txt, txt_mask, idx).pooled, atol=1e-5)
 
 
-def test_the_relation_term_learns_left_of_from_positions_alone():
-    """Object tokens without any position encoding; is A left of B? The pairs' grid offsets are
-    the only place that can come from, and 100 steps learn it."""
+def left_of_accuracy(fusion: torch.nn.Module) -> float:
+    """Train `fusion` and a linear head for 100 steps on `left_of_task` with one fixed question
+    ("is A left of B?"); the accuracy on 400 new images."""
     g = torch.Generator().manual_seed(0)
-    fusion = build("relation", depth=1, relation_dim=16).train()
+    fusion.train()
     head = torch.nn.Linear(D, 1)
     opt = torch.optim.Adam([*fusion.parameters(), *head.parameters()], lr=3e-3)
-    question = torch.randn(1, 1, D, generator=g)  # one question: "is A left of B?"
+    question = torch.randn(1, 1, D, generator=g)
 
     def logits(img: torch.Tensor) -> torch.Tensor:  # (n,)
         n = img.shape[0]
@@ -182,5 +186,84 @@ def test_the_relation_term_learns_left_of_from_positions_alone():
     img, labels = left_of_task(400, g)
     with torch.no_grad():
         fusion.eval()
-        accuracy = ((logits(img) > 0).float() == labels).float().mean().item()
+        return ((logits(img) > 0).float() == labels).float().mean().item()
+
+
+def test_the_relation_term_learns_left_of_from_positions_alone():
+    """Object tokens without any position encoding; is A left of B? The pairs' grid offsets are
+    the only place that can come from, and 100 steps learn it."""
+    accuracy = left_of_accuracy(build("relation", depth=1, relation_dim=16))
     assert accuracy >= 0.95, accuracy
+
+
+# ------------------------------------------------------------------------------- anchored fusion
+
+
+def fresh_anchored(**extra) -> torch.nn.Module:
+    """Anchored fusion as a run builds it: position bias and read at zero (`build` randomises them)."""
+    cfg = OmegaConf.merge(OmegaConf.load(CONF / "model" / "fusion" / "anchored.yaml"),
+                          {"dim": D, "dropout": 0.0, "attention": None, "qk_norm": False, **extra})
+    return instantiate(cfg)
+
+
+def test_anchored_fusion_sees_where_tokens_are():
+    """Unlike cross fusion (above), the same image tokens in other places give another answer, and at
+    step 0 (bias and read at zero) the variant is exactly cross fusion."""
+    fusion = build("anchored")
+    img, img_mask, txt, txt_mask, idx = inputs()
+    perm = torch.randperm(N, generator=torch.Generator().manual_seed(4))
+    moved = fusion(img[:, perm], img_mask, txt, txt_mask, idx).pooled
+    assert ((moved - fusion(img, img_mask, txt, txt_mask, idx).pooled).abs().amax(-1) > 1e-3).all()
+
+    fresh = build("cross")
+    anchored = fresh_anchored().eval()
+    anchored.load_state_dict(fresh.state_dict(), strict=False)  # cross fusion's weights; the new maps stay at zero
+    assert torch.allclose(anchored(*inputs()).pooled, fresh(*inputs()).pooled, atol=1e-5)
+
+
+def test_anchored_fusion_learns_left_of_from_positions_alone():
+    """The relation test's task: the read of where each head looked carries both objects' places."""
+    torch.manual_seed(0)
+    accuracy = left_of_accuracy(fresh_anchored(depth=1))
+    assert accuracy >= 0.95, accuracy
+
+
+def test_the_anchored_bias_points_where_its_offset_features_say():
+    """Content-free queries and keys; every head anchored on patch 5 of a 4 x 4 grid, (-1/3, -1/3). A
+    head weighing relu(-dx) looks left, -|d| looks at the anchor, -"at the anchor" anywhere but
+    there, relu(dy) looks down (rows grow downwards)."""
+    from mmqa.models.fusion.anchored import OFFSET_FEATURES, AnchoredCrossAttention
+
+    attn = AnchoredCrossAttention(D, heads=4, radius=0.3).eval()
+    with torch.no_grad():
+        for layer in (attn.q, attn.anchor, attn.gate):
+            layer.weight.zero_()
+        attn.q.bias.zero_()
+        attn.anchor.bias.copy_(torch.full((8,), -1 / 3).atanh())
+        gate = torch.zeros(4, OFFSET_FEATURES)
+        gate[0, 2], gate[1, 4], gate[2, 5], gate[3, 1] = 8.0, -8.0, -8.0, 8.0  # relu(-dx), |d|, at anchor, relu(dy)
+        attn.gate.bias.copy_(gate.flatten())
+    x, context = torch.randn(1, 1, D), torch.randn(1, 16, D)
+    _, w = attn(x, context, torch.ones(1, 16, dtype=torch.bool), need_weights=True)
+    w = w[0, :, 0].view(4, 4, 4)  # (head, row, column)
+    assert w[0, :, 0].sum() > 0.9  # left: the first column
+    assert w[1].flatten().argmax().item() == 5  # near: the anchor's own patch
+    assert w[2].flatten()[5] < 0.01 and w[2].flatten()[0] > 0.05  # not at the anchor; elsewhere as usual
+    assert w[3, 3].sum() > 0.9  # down: the last row
+
+
+def test_heads_past_anchored_heads_read_by_content_alone():
+    from mmqa.models.fusion.anchored import AnchoredCrossAttention
+
+    with pytest.raises(ValueError, match="anchored_heads 5 must be between 1 and heads \\(4\\)"):
+        AnchoredCrossAttention(D, heads=4, radius=0.3, anchored_heads=5)
+    torch.manual_seed(0)
+    attn = AnchoredCrossAttention(D, heads=4, radius=0.3, anchored_heads=2).eval()
+    x, context, mask = torch.randn(2, 3, D), torch.randn(2, 16, D), torch.ones(2, 16, dtype=torch.bool)
+    _, before = attn(x, context, mask, need_weights=True)
+    with torch.no_grad():
+        torch.nn.init.normal_(attn.gate.weight, std=0.5)  # (2 heads x 6 features, D)
+    _, after = attn(x, context, mask, need_weights=True)
+    assert attn.gate.out_features == 12
+    assert torch.allclose(after[:, 2:], before[:, 2:])  # heads 2 and 3: content only
+    assert not torch.allclose(after[:, :2], before[:, :2], atol=1e-3)

@@ -209,7 +209,7 @@ EXPECTED_SWEEPS = {
     "attention_ablation": {"model/attention": {"sdpa", "eager", "sliding_window", "linear", "tiled"},
                            "data.image_size": {"64", "128"}},
     "collapse_study": {"stability": {"none", "qk_norm", "sigma_reparam", "registers"}},
-    "relation_ablation": {"model/fusion": {"cross", "relation"}},
+    "relation_ablation": {"model/fusion": {"cross", "relation", "anchored"}},
 }
 
 

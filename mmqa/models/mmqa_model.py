@@ -19,6 +19,7 @@ from torch import nn
 from mmqa.models.attention.binding import attention_name, for_cross_attention, unbound
 from mmqa.models.decoder import GPT2Decoder
 from mmqa.models.frozen_cache import FrozenTextCache
+from mmqa.models.fusion.anchored import AnchoredCrossAttention
 from mmqa.models.heads import ContrastiveHead, PatchSetHead, VQAHead
 from mmqa.models.layers import Attention
 from mmqa.models.outputs import EncoderOutput, FusionOutput
@@ -41,6 +42,8 @@ def attention_plan(attention: Callable | None, model: nn.Module) -> str:
     dense = ["the text encoder and the GPT-2 decoder (transformers' own SDPA)"]
     if for_cross_attention(attention) is not attention and any(hasattr(m, "cross_attn") for m in model.modules()):
         dense.append("text -> image cross-attention (a sliding window needs one sequence)")
+    if any(isinstance(m, AnchoredCrossAttention) for m in model.modules()):
+        dense.append("the anchored text -> image cross-attention (its own biased softmax)")
     if not any(isinstance(m, TimmAttention) for m in model.image_encoder.modules()):
         dense.append("the image encoder (its own attention)")
     return (f"attention {name}{' ' + str(params) if params else ''}: {served} of {len(runs)} attention layers; "

@@ -6,9 +6,10 @@ to the model width) and `img_idx` (Q,), the image of each question, and returns 
 Each variant gathers image features per question as late as it can, so per-image work is done once.
 """
 
+from mmqa.models.fusion.anchored import AnchoredFusion
 from mmqa.models.fusion.cross import CrossFusion
 from mmqa.models.fusion.early import EarlyFusion
 from mmqa.models.fusion.late import LateFusion
 from mmqa.models.fusion.relation import RelationFusion
 
-__all__ = ["CrossFusion", "EarlyFusion", "LateFusion", "RelationFusion"]
+__all__ = ["AnchoredFusion", "CrossFusion", "EarlyFusion", "LateFusion", "RelationFusion"]

@@ -1,0 +1,129 @@
+"""Anchored fusion: cross fusion whose cross-attention knows where each patch lies relative to a point
+the question token chooses, and reads back where it looked.
+
+"What shape is left of the red circle?" asks for patches on one side of another object; "which is
+further left, the cross or the square?" asks to compare two objects' places. Dot-product attention
+over absolute position embeddings can do neither directly: a query cannot say "left of *that*", and
+the pooled read of an object mixes its place into its content. Here each question token t, in each
+head, predicts an anchor c_t in the patch plane ([-1, 1]^2), and its attention logits get a bias
+learned from the offset of every patch to that anchor:
+
+    bias(t, j) = g_t . phi(p_j - c_t),
+    phi(d) = (relu(dx), relu(dy), relu(-dx), relu(-dy), |d|, relu(1 - |d| / radius))
+
+with g_t a linear function of the token (the word "left" can weigh relu(-dx), "closest" -|d|). The
+last feature marks the patches at the anchor itself, so a token can leave out (or pick) the object it
+anchors on: the object closest to the red circle is otherwise the red circle. The attention-weighted
+patch position r_t each head read, and r_t - c_t, are added back to the token through a linear map,
+so where a token looked is in its state, linearly, for the next layer to compare. Only the first
+`anchored_heads` heads get the bias; the others read by content alone, as in cross fusion. With the
+bias and the read maps at zero at step 0, the variant starts as plain cross fusion. Tokens attend over the
+whole patch plane: the bias is a relative 2D position bias (as in Swin or T5, but anchored on a
+point the question picks rather than on the query's own place, which a text token does not have).
+
+The biased cross-attention is computed here (softmax of QK^T/sqrt(d) + bias, materialised: N is the
+patch count, 64 at the default size); the self-attention of the question keeps the configured
+attention function. Head pruning (mmqa.compress) does not reach these cross-attentions, and the
+inspect capture lists them as uncovered; `return_attention` (the demo's maps) gives their weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmqa.models.fusion.cross import CrossFusion
+from mmqa.models.fusion.relation import grid_positions
+
+OFFSET_FEATURES = 6  # phi's outputs: four half-plane distances, the Euclidean one, "at the anchor"
+
+
+class AnchoredCrossAttention(nn.Module):
+    """Cross-attention from question tokens to image patches with an anchored relative 2D position bias
+    and a read of the attended position; same call as `mmqa.models.layers.Attention`."""
+
+    def __init__(self, dim: int, heads: int, radius: float, anchored_heads: int | None = None, dropout: float = 0.0,
+                 qk_norm: bool = False):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} is not divisible by heads {heads}")
+        anchored_heads = heads if anchored_heads is None else anchored_heads
+        if not 1 <= anchored_heads <= heads:
+            raise ValueError(f"anchored_heads {anchored_heads} must be between 1 and heads ({heads})")
+        self.heads, self.anchored, self.radius, self.dropout = heads, anchored_heads, radius, dropout
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.q_norm = nn.LayerNorm(dim // heads) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(dim // heads) if qk_norm else nn.Identity()
+        self.anchor = nn.Linear(dim, 2 * heads)  # c_t per head, through tanh into [-1, 1]^2
+        self.gate = nn.Linear(dim, OFFSET_FEATURES * anchored_heads)  # g_t of each biased head (the first ones)
+        self.read = nn.Linear(4 * heads, dim)  # (r_t, r_t - c_t) of every head -> the token
+        for layer in (self.gate, self.read):  # at step 0: plain cross-attention
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, T, D) question tokens
+        context: torch.Tensor,  # (Bc, N, D) image patches on a square grid, row-major
+        context_mask: torch.Tensor,  # (Bc, N) bool, True = attend
+        need_weights: bool = False,
+        context_idx: torch.Tensor | None = None,  # (B,): query row i reads context row context_idx[i]
+        layout=None,  # unused: cross-attention has no token layout (the Attention call's keyword)
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        B, T, _ = x.shape
+        h = self.heads
+        q = self.q_norm(self.q(x).view(B, T, h, -1).transpose(1, 2))  # (B, h, T, d)
+        Bc, N, d = context.shape[0], context.shape[1], q.shape[-1]
+        k, v = self.kv(context).view(Bc, N, 2, h, d).permute(2, 0, 3, 1, 4)  # 2 x (Bc, h, N, d)
+        k = self.k_norm(k)
+        if context_idx is not None:
+            k, v, context_mask = k[context_idx], v[context_idx], context_mask[context_idx]  # (B, h, N, d)
+        p = grid_positions(N, x.device, x.dtype)  # (N, 2)
+        anchor = torch.tanh(self.anchor(x)).view(B, T, h, 2).transpose(1, 2)  # (B, h, T, 2)
+        a = self.anchored
+        gate = self.gate(x).view(B, T, a, OFFSET_FEATURES).transpose(1, 2)  # (B, a, T, 6)
+        logits = q @ k.transpose(-1, -2) / d**0.5  # (B, h, T, N)
+        bias = self.offset_bias(p, anchor[:, :a], gate)  # (B, a, T, N)
+        logits = torch.cat([logits[:, :a] + bias, logits[:, a:]], dim=1) if a < h else logits + bias
+        if context_mask.all():  # every patch visible (a ViT's patches): nothing to mask
+            weights = torch.softmax(logits, dim=-1)  # (B, h, T, N)
+        else:
+            visible = context_mask[:, None, None, :]  # (B, 1, 1, N)
+            row_any = visible.any(-1, keepdim=True)  # (B, 1, 1, 1): an image with no patch reads nothing
+            logits = logits.masked_fill(~visible, float("-inf")).masked_fill(~row_any, 0.0)
+            weights = torch.softmax(logits, dim=-1) * row_any  # (B, h, T, N)
+        attend = F.dropout(weights, self.dropout) if self.training and self.dropout else weights
+        y = (attend @ v).transpose(1, 2).reshape(B, T, h * d)  # (B, T, D)
+        looked = attend @ p  # (B, h, T, 2): where each head read, r_t
+        where = torch.cat([looked, looked - anchor], dim=-1).transpose(1, 2).reshape(B, T, 4 * h)  # (B, T, 4h)
+        return self.out(y) + self.read(where), (weights if need_weights else None)
+
+    def offset_bias(
+        self,
+        p: torch.Tensor,  # (N, 2) patch positions
+        anchor: torch.Tensor,  # (B, h, T, 2)
+        gate: torch.Tensor,  # (B, h, T, 6): g_t, the weight of each offset feature
+    ) -> torch.Tensor:
+        """g_t . phi(p_j - c_t) for every patch: (B, h, T, N). Written as a sum of (B, h, T, N) terms,
+        with relu(a) = (a + |a|) / 2 pairing each half-plane with its opposite, since materialising
+        phi (B, h, T, N, 6) and contracting it took 4-5x as long, forward and backward."""
+        dx = p[:, 0] - anchor[..., :1]  # (B, h, T, N)
+        dy = p[:, 1] - anchor[..., 1:]
+        distance = (dx * dx + dy * dy + 1e-12).sqrt()  # the epsilon keeps the gradient finite at the anchor
+        g = gate[..., None]  # (B, h, T, 6, 1)
+        right, down, left, up, far, at = g.unbind(-2)  # each (B, h, T, 1)
+        return (((right - left) * dx + (right + left) * dx.abs() + (down - up) * dy + (down + up) * dy.abs()) / 2
+                + far * distance + at * (1 - distance / self.radius).relu())
+
+
+class AnchoredFusion(CrossFusion):
+    def __init__(self, dim: int, depth: int, heads: int, mlp_ratio: float, dropout: float, bidirectional: bool,
+                 anchor_radius: float, anchored_heads: int, attention: Callable | None = None, qk_norm: bool = False):
+        super().__init__(dim, depth, heads, mlp_ratio, dropout, bidirectional, attention=attention, qk_norm=qk_norm)
+        for block in self.text_blocks:  # the question's cross-attentions; image blocks (bidirectional) keep theirs
+            block.cross_attn = AnchoredCrossAttention(dim, heads, anchor_radius, anchored_heads, dropout, qk_norm)
