@@ -17,7 +17,9 @@ def test_registry_lists_the_designs():
     assert VARIANTS == ["anchored", "cross", "early", "late", "relation"]
 
 
-def build(name: str, **extra):
+def build(name: str, at_init: bool = False, **extra):
+    """The variant at the test width; its zero-initialised extras randomised unless `at_init` (as a run
+    builds it)."""
     cfg = OmegaConf.load(CONF / "model" / "fusion" / f"{name}.yaml")
     cfg.dim, cfg.dropout = D, 0.0  # the YAML reads both from ${model.*}
     if "attention" in cfg:
@@ -28,6 +30,8 @@ def build(name: str, **extra):
         cfg[k] = v
     torch.manual_seed(0)
     fusion = instantiate(cfg).eval()
+    if at_init:
+        return fusion
     if name == "relation":  # its relation term starts at zero; random weights, so every test here sees it
         torch.nn.init.normal_(fusion.f[1].weight, std=0.5)
     if name == "anchored":  # likewise its position bias and position read
@@ -199,13 +203,6 @@ def test_the_relation_term_learns_left_of_from_positions_alone():
 # ------------------------------------------------------------------------------- anchored fusion
 
 
-def fresh_anchored(**extra) -> torch.nn.Module:
-    """Anchored fusion as a run builds it: position bias and read at zero (`build` randomises them)."""
-    cfg = OmegaConf.merge(OmegaConf.load(CONF / "model" / "fusion" / "anchored.yaml"),
-                          {"dim": D, "dropout": 0.0, "attention": None, "qk_norm": False, **extra})
-    return instantiate(cfg)
-
-
 def test_anchored_fusion_sees_where_tokens_are():
     """Unlike cross fusion (above), the same image tokens in other places give another answer, and at
     step 0 (bias and read at zero) the variant is exactly cross fusion."""
@@ -216,15 +213,14 @@ def test_anchored_fusion_sees_where_tokens_are():
     assert ((moved - fusion(img, img_mask, txt, txt_mask, idx).pooled).abs().amax(-1) > 1e-3).all()
 
     fresh = build("cross")
-    anchored = fresh_anchored().eval()
+    anchored = build("anchored", at_init=True)
     anchored.load_state_dict(fresh.state_dict(), strict=False)  # cross fusion's weights; the new maps stay at zero
     assert torch.allclose(anchored(*inputs()).pooled, fresh(*inputs()).pooled, atol=1e-5)
 
 
 def test_anchored_fusion_learns_left_of_from_positions_alone():
     """The relation test's task: the read of where each head looked carries both objects' places."""
-    torch.manual_seed(0)
-    accuracy = left_of_accuracy(fresh_anchored(depth=1))
+    accuracy = left_of_accuracy(build("anchored", at_init=True, depth=1))
     assert accuracy >= 0.95, accuracy
 
 

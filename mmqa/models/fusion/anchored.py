@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmqa.models.attention.dense import masked_softmax
 from mmqa.models.fusion.cross import CrossFusion
 from mmqa.models.fusion.relation import grid_positions
 
@@ -90,13 +91,9 @@ class AnchoredCrossAttention(nn.Module):
         logits = q @ k.transpose(-1, -2) / d**0.5  # (B, h, T, N)
         bias = self.offset_bias(p, anchor[:, :a], gate)  # (B, a, T, N)
         logits = torch.cat([logits[:, :a] + bias, logits[:, a:]], dim=1) if a < h else logits + bias
-        if context_mask.all():  # every patch visible (a ViT's patches): nothing to mask
-            weights = torch.softmax(logits, dim=-1)  # (B, h, T, N)
-        else:
-            visible = context_mask[:, None, None, :]  # (B, 1, 1, N)
-            row_any = visible.any(-1, keepdim=True)  # (B, 1, 1, 1): an image with no patch reads nothing
-            logits = logits.masked_fill(~visible, float("-inf")).masked_fill(~row_any, 0.0)
-            weights = torch.softmax(logits, dim=-1) * row_any  # (B, h, T, N)
+        # every patch visible (a ViT's patches): nothing to mask; an image with no patch reads nothing
+        visible = None if context_mask.all() else context_mask[:, None, None, :]  # (B, 1, 1, N)
+        weights = masked_softmax(logits, visible)  # (B, h, T, N)
         attend = F.dropout(weights, self.dropout) if self.training and self.dropout else weights
         y = (attend @ v).transpose(1, 2).reshape(B, T, h * d)  # (B, T, D)
         looked = attend @ p  # (B, h, T, 2): where each head read, r_t
