@@ -74,13 +74,13 @@ def unknown_words(tokenizer, text: str) -> list[str]:
     backend = tokenizer.backend_tokenizer
     text = backend.normalizer.normalize_str(text) if backend.normalizer else text
     words = [w for w, _ in backend.pre_tokenizer.pre_tokenize_str(text)] if backend.pre_tokenizer else text.split()
-    vocab = tokenizer.get_vocab()
-    fitted = tokenizer.unk_token == SPECIALS["unk_token"] and SPECIALS["bos_token"] in vocab
+    known = backend.token_to_id  # one lookup; get_vocab() would copy the whole vocabulary per call
+    fitted = tokenizer.unk_token == SPECIALS["unk_token"] and known(SPECIALS["bos_token"]) is not None
     out = []
     for w in words:
         if not any(c.isalnum() for c in w) or w in out:
             continue
-        if w not in vocab if fitted else tokenizer.unk_token in tokenizer.tokenize(w):
+        if known(w) is None if fitted else tokenizer.unk_token in tokenizer.tokenize(w):
             out.append(w)
     return out
 
