@@ -54,10 +54,11 @@ from transformers.modeling_outputs import BaseModelOutput
 from mmqa.build import build_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
-# the two sizes: the default model's, and a `base` one (ViT 6x256 @ 128 px / 16, GPT-2 4x256)
+# the two sizes: the default model's, and a `base` one (ViT 6x256 @ 128 px / 16, GPT-2 4x256,
+# the fitted text tower 2x256 in place of the default's frozen MiniLM, whose width is fixed)
 SIZES = {
     "default": [],
-    "base": ["data.image_size=128", "model.dim=256", "model.embed_dim=256",
+    "base": ["model/text_encoder=bert_tiny", "data.image_size=128", "model.dim=256", "model.embed_dim=256",
              "model.image_encoder.patch_size=16", "model.image_encoder.width=256", "model.image_encoder.depth=6",
              "model.image_encoder.stem_strides=[2,2,2,2]",
              "model.text_encoder.width=256", "model.fusion.depth=2",
