@@ -8,8 +8,9 @@ fill from the bundle's safetensors (`weight` int8, `weight_scale` fp32, `bias` f
 
 Two kernels compute the same product (`KERNELS`):
 - `fbgemm`: PyTorch's x86 dynamic quantized linear (`quantized::linear_dynamic`, FBGEMM / oneDNN):
-  per-tensor activation scale over 7 bits (`reduce_range`, which AVX2's 16-bit accumulation needs),
-  weights packed once on first use;
+  per-tensor activation scale, weights packed once on first use; activations over 7 bits
+  (`reduce_range`, which AVX2's 16-bit accumulation needs) unless the CPU has VNNI, whose int8 dot
+  products sum in 32 bits, and then over 8 (as PyTorch's own x86 qconfig decides);
 - `int_mm`: a per-row activation scale over 8 bits and `torch._int_mm` (CUDA's int8 tensor cores;
   it also runs on CPU).
 `auto` takes fbgemm on CPU and int_mm elsewhere. benchmarks/serving.py measures both against fp32
@@ -27,6 +28,7 @@ from transformers.pytorch_utils import Conv1D
 
 KERNELS = ("auto", "fbgemm", "int_mm")
 QMAX = 127  # symmetric int8: -127 .. 127 (-128 unused, so that negation stays in range)
+REDUCE_RANGE = not torch.cpu._is_vnni_supported()  # fbgemm: 7-bit activations only without VNNI
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,7 +78,7 @@ class Int8Linear(nn.Module):
         shape, dtype = x.shape, x.dtype
         x = x.reshape(-1, self.in_features).float()  # (M, in)
         if self.resolved_kernel(x.device) == "fbgemm":
-            y = torch.ops.quantized.linear_dynamic(x, self._fbgemm_weight(), True)  # bias added inside
+            y = torch.ops.quantized.linear_dynamic(x, self._fbgemm_weight(), REDUCE_RANGE)  # bias added inside
         else:
             y = self._int_mm(x)
         return y.reshape(*shape[:-1], self.out_features).to(dtype)
