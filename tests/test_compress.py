@@ -25,7 +25,7 @@ from mmqa.app import build_demo
 from mmqa.bundle import WEIGHTS, Bundle
 from mmqa.compress.int8 import Int8Linear, quantize_int8, quantize_weight, set_kernel
 from mmqa.build import build_lit_module
-from mmqa.compress.prune import ffn_layers, hidden_size, prunable, prune, rank_heads, rank_neurons
+from mmqa.compress.prune import ffn_layers, hidden_size, prunable, prune, rank_heads, rank_neurons, resize
 from mmqa.errors import ConfigError, MMQAError
 from mmqa.inspect.capture import attention_modules, attention_site, head_count, stack_of
 from mmqa.inspect.heads import head_mask
@@ -199,9 +199,17 @@ def drop_plan(model):
     return keep_heads, keep_neurons
 
 
-def test_a_pruned_model_is_smaller_and_computes_what_the_masked_original_does(tiny_parts):
-    cfg, dm, model, lit, batch = tiny_parts()
+@pytest.mark.parametrize("fusion", ["cross", "anchored"])
+def test_a_pruned_model_is_smaller_and_computes_what_the_masked_original_does(tiny_parts, fusion):
+    overrides = [f"model/fusion={fusion}"] + (["model.fusion.anchored_heads=2"] if fusion == "anchored" else [])
+    cfg, dm, model, lit, batch = tiny_parts(*overrides)
     lit.eval()
+    if fusion == "anchored":  # trained-like: an offset bias and a position read that are not zero
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for block in model.fusion.text_blocks:
+                for layer in (block.cross_attn.gate, block.cross_attn.read):
+                    nn.init.normal_(layer.weight, std=0.3)
     keep_heads, keep_neurons = drop_plan(model)
     assert {stack_of(p) for p in keep_heads} == {stack_of(p) for p in keep_neurons} == {"image", "text", "fusion", "decoder"}
     # the original with the dropped heads' outputs masked (the capture layer's head mask) and the
@@ -239,6 +247,15 @@ def test_a_pruned_model_is_smaller_and_computes_what_the_masked_original_does(ti
     assert all(head_count(model.get_submodule(p)) == n == len(keep_heads[p]) for p, n in sizes["heads"].items())
     assert set(sizes["hidden"].values()) == {64}
     assert sum(p.numel() for p in model.parameters()) < 0.85 * before  # embeddings and norms stay
+    if fusion == "anchored":  # heads 0, 2, 3 of 4 left, of which head 0 is the one biased
+        cross = model.fusion.text_blocks[0].cross_attn
+        assert (cross.heads, cross.anchored) == (3, 1) and cross.gate.weight.shape == (6, 32)
+        assert cross.anchor.weight.shape == (6, 32) and cross.read.weight.shape == (32, 12)
+        assert sizes["anchored"] == {f"fusion.text_blocks.{i}.cross_attn": 1 for i in range(2)}
+    # a fresh model resized from the recorded sizes alone has every tensor's shape (Bundle.load's path)
+    fresh = tiny_parts(*overrides)[2]
+    resize(fresh, sizes)
+    assert {k: v.shape for k, v in fresh.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
 
 
 def test_heads_are_dropped_least_important_first_and_every_attention_keeps_one():

@@ -21,6 +21,7 @@ from mmqa.callbacks.alarms import Alarms
 from mmqa.callbacks.diagnostics import FFN_OUT, Diagnostics, block_of
 from mmqa.inspect.capture import attention_modules, capture_attention, site_of
 from mmqa.inspect.statistics import activation_stats, attention_entropy, call_entropy
+from mmqa.models.fusion.anchored import AnchoredCrossAttention
 from mmqa.models.layers import Attention
 from mmqa.models.qk_norm import HeadNorm, add_qk_norm
 from mmqa.models.sigma_reparam import SigmaReparam, apply_sigma_reparam
@@ -144,7 +145,7 @@ def _zero_queries(model) -> None:
     """Zero every attention's query projection: each query then attends uniformly to what it may see."""
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, Attention):
+            if isinstance(m, (Attention, AnchoredCrossAttention)):  # anchored: its offset bias is zero at init
                 m.q.weight.zero_(), m.q.bias.zero_()
             elif isinstance(m, TimmAttention):
                 dim = m.qkv.weight.shape[1]

@@ -263,3 +263,46 @@ def test_heads_past_anchored_heads_read_by_content_alone():
     assert attn.gate.out_features == 12
     assert torch.allclose(after[:, 2:], before[:, 2:])  # heads 2 and 3: content only
     assert not torch.allclose(after[:, :2], before[:, :2], atol=1e-3)
+
+
+def test_the_inspect_capture_sees_the_anchored_cross_attention_with_its_bias():
+    """The capture records each anchored call with its offset bias, so the weights it rebuilds are the
+    ones the module applied; a head masked through it loses its content and its position read."""
+    from mmqa.inspect.capture import attention_modules, capture_attention, uncovered
+    from mmqa.inspect.heads import head_counts, head_mask
+    from mmqa.models.fusion.anchored import AnchoredCrossAttention
+
+    torch.manual_seed(0)
+    attn = AnchoredCrossAttention(D, heads=4, radius=0.3, anchored_heads=2).eval()
+    with torch.no_grad():
+        for layer in (attn.gate, attn.read):  # trained-like: a bias and a read that are not zero
+            torch.nn.init.normal_(layer.weight, std=0.5)
+    x, context, mask = torch.randn(2, 3, D), torch.randn(2, 16, D), torch.ones(2, 16, dtype=torch.bool)
+    assert [n for n, _ in attention_modules(attn)] == [""] and uncovered(attn) == []
+    with torch.no_grad():
+        plain, weights = attn(x, context, mask, need_weights=True)
+        with capture_attention(attn) as calls:
+            captured, _ = attn(x, context, mask)
+        assert torch.equal(captured, plain)  # the capture only listens
+        (call,) = calls
+        assert call.bias.shape == (2, 4, 3, 16) and call.bias[:, 2:].abs().max() == 0  # heads 2, 3: no bias
+        torch.testing.assert_close(call.weights(), weights, atol=1e-6, rtol=0)
+        (site,) = head_counts(attn)  # a layer alone: the site has no stack or block
+        with head_mask(attn, {site: torch.tensor([1.0, 0.0, 1.0, 1.0])}):
+            masked, _ = attn(x, context, mask)
+        # by hand: head 1's values, position and mass read are all zero
+        out = weights @ torch.cat([attn.kv(context).view(2, 16, 2, 4, -1)[:, :, 1].transpose(1, 2),
+                                   _grid(16).expand(2, 4, 16, 2), torch.ones(2, 4, 16, 1)], -1)  # (B, h, T, d + 3)
+        out[:, 1] = 0
+        y, looked, m = out.split([D // 4, 2, 1], -1)
+        anchor = torch.tanh(attn.anchor(x)).view(2, 3, 4, 2).transpose(1, 2)
+        where = torch.cat([looked, looked - anchor * m], -1).transpose(1, 2).reshape(2, 3, 16)
+        expected = attn.out(y.transpose(1, 2).reshape(2, 3, D)) + attn.read(where)
+    torch.testing.assert_close(masked, expected, atol=1e-5, rtol=0)
+    assert not torch.allclose(masked, plain, atol=1e-3)
+
+
+def _grid(n: int) -> torch.Tensor:
+    from mmqa.models.fusion.relation import grid_positions
+
+    return grid_positions(n, torch.device("cpu"), torch.float32)

@@ -2,16 +2,17 @@
 themselves get smaller (not zeroed, as `torch.nn.utils.prune` does).
 
 Every transformer mmqa builds is covered, each through its own attribute names:
-- attention (heads): mmqa's fusion `Attention` (q, kv, out), the ViT's `TimmAttention` (qkv, proj),
+- attention (heads): mmqa's fusion `Attention` (q, kv, out), anchored fusion's cross-attention (the
+  same, plus its per-head anchor, offset gate and position read), the ViT's `TimmAttention` (qkv, proj),
   transformers' BERT self-attention (query, key, value; the output projection is the parent's
   `output.dense`) and GPT-2's self- and cross-attention (Conv1D c_attn / q_attn, c_proj);
 - FFN (neurons): mmqa's `MLP`, timm's `Mlp` (fc1, fc2), BERT's layer (intermediate.dense,
   output.dense) and GPT-2's `GPT2MLP` (c_fc, c_proj).
 
 `prune(model, heads, neurons)` keeps the listed heads / neurons of each module, in place, and returns
-the new sizes, `{module path: {"heads": n}}` / `{path: {"hidden": n}}`, which the bundle's config
-records; `Bundle.load` calls `prune` with those counts alone to build the smaller shapes before the
-weights load. Which heads and neurons to keep is decided by `rank_*` below.
+the new sizes, `{"heads": {module path: n}, "hidden": {path: n}}` (and `"anchored": {path: n}`, the
+biased heads left in an anchored cross-attention), which the bundle's config records; `Bundle.load`
+calls `resize` with those counts alone to build the smaller shapes before the weights load. Which heads and neurons to keep is decided by `rank_*` below.
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ from transformers.models.gpt2.modeling_gpt2 import GPT2MLP, GPT2Attention
 from transformers.pytorch_utils import Conv1D
 
 from mmqa.inspect.capture import head_count
+from mmqa.models.fusion.anchored import OFFSET_FEATURES, AnchoredCrossAttention
 from mmqa.models.layers import MLP, Attention
 from mmqa.models.vit_attention import TimmAttention
 
-ATTENTION = (Attention, TimmAttention, BertSelfAttention, GPT2Attention)
+ATTENTION = (Attention, AnchoredCrossAttention, TimmAttention, BertSelfAttention, GPT2Attention)
 FFN = (MLP, TimmMlp, BertLayer, GPT2MLP)
 
 
@@ -66,7 +68,7 @@ def _features(keep: list[int], heads: int, head_dim: int, groups: int = 1) -> to
 
 # ----------------------------------------------------------------------------- heads
 def _head_dim(module: nn.Module) -> int:
-    if isinstance(module, Attention):
+    if isinstance(module, (Attention, AnchoredCrossAttention)):
         return module.q.out_features // module.heads
     if isinstance(module, BertSelfAttention):
         return module.attention_head_size
@@ -80,8 +82,14 @@ def keep_heads(model: nn.Module, path: str, keep: list[int]) -> None:
     if not keep:
         raise ValueError(f"{path}: an attention needs at least one head")
     one, two, three = _features(keep, h, d), _features(keep, h, d, 2), _features(keep, h, d, 3)
-    if isinstance(m, Attention):
+    if isinstance(m, (Attention, AnchoredCrossAttention)):
         m.q, m.kv, m.out = _out_features(m.q, one), _out_features(m.kv, two), _in_features(m.out, one)
+        if isinstance(m, AnchoredCrossAttention):  # per head: an anchor (2), a position read (4), a gate if biased
+            biased = [i for i in keep if i < m.anchored]  # the biased heads stay first: keep is sorted
+            m.anchor = _out_features(m.anchor, _features(keep, h, 2))
+            m.read = _in_features(m.read, _features(keep, h, 4))
+            m.gate = _out_features(m.gate, _features(biased, m.anchored, OFFSET_FEATURES))
+            m.anchored = len(biased)
         m.heads = len(keep)
     elif isinstance(m, TimmAttention):
         m.qkv, m.proj = _out_features(m.qkv, three), _in_features(m.proj, one)
@@ -156,13 +164,19 @@ def prune(model: nn.Module, heads: dict[str, list[int]], neurons: dict[str, list
         keep_heads(model, path, sorted(keep))
     for path, keep in neurons.items():
         keep_neurons(model, path, sorted(keep))
-    return {"heads": {p: len(k) for p, k in heads.items()}, "hidden": {p: len(k) for p, k in neurons.items()}}
+    sizes = {"heads": {p: len(k) for p, k in heads.items()}, "hidden": {p: len(k) for p, k in neurons.items()}}
+    anchored = {p: model.get_submodule(p).anchored for p in heads
+                if isinstance(model.get_submodule(p), AnchoredCrossAttention)}
+    return {**sizes, "anchored": anchored} if anchored else sizes
 
 
 def resize(model: nn.Module, sizes: dict) -> None:
     """The structure `prune` left, rebuilt from its recorded sizes (the weights are loaded after)."""
-    prune(model, {p: list(range(n)) for p, n in sizes.get("heads", {}).items()},
-          {p: list(range(n)) for p, n in sizes.get("hidden", {}).items()})
+    heads = {p: list(range(n)) for p, n in sizes.get("heads", {}).items()}
+    for p, biased in sizes.get("anchored", {}).items():  # `biased` of the first heads, the rest unbiased
+        first = model.get_submodule(p).anchored
+        heads[p] = list(range(biased)) + list(range(first, first + len(heads[p]) - biased))
+    prune(model, heads, {p: list(range(n)) for p, n in sizes.get("hidden", {}).items()})
 
 
 # ----------------------------------------------------------------------------- what to keep

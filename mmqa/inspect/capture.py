@@ -7,8 +7,9 @@ may see, and the function that computed it, so the weights it applied can be mat
 the function the model runs (SDPA by default): the capture only listens, so outputs are bit-identical
 with and without it, and on exit every module is as before. Outside the block it costs nothing.
 
-Covered: mmqa's own `layers.Attention` (fusion) and the ViT's swapped `TimmAttention` (their `attend`
-function is wrapped), and transformers' attention modules, such as BERT / MiniLM in the text encoder
+Covered: mmqa's own `layers.Attention` (fusion), anchored fusion's `AnchoredCrossAttention` (its
+logit bias is recorded with the call) and the ViT's swapped `TimmAttention` (their `attend` function
+is wrapped), and transformers' attention modules, such as BERT / MiniLM in the text encoder
 and GPT-2's self- and cross-attention in the decoder (the module's own config copy is pointed at
 `mmqa_capture`, registered in transformers' `AttentionInterface`, which delegates to the
 implementation the model was running). `uncovered(model)` names the attentions it cannot see
@@ -33,11 +34,13 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from mmqa.models.attention.binding import attention_weights
 from mmqa.models.attention.dense import masked_softmax, visibility
 from mmqa.models.attention.sliding_window import TokenLayout
+from mmqa.models.fusion.anchored import AnchoredCrossAttention
 from mmqa.models.layers import Attention
 from mmqa.models.vit_attention import TimmAttention
 
 CAPTURE = "mmqa_capture"  # the name under which the capture is registered in transformers' AttentionInterface
 STACKS = {"image_encoder": "image", "text_encoder": "text", "fusion": "fusion", "decoder": "decoder"}
+MMQA_ATTENTION = (Attention, AnchoredCrossAttention, TimmAttention)  # mmqa's modules with an `attend` function
 
 
 @dataclasses.dataclass
@@ -55,6 +58,7 @@ class AttentionCall:
     causal: bool = False
     layout: TokenLayout | None = None
     v: torch.Tensor | None = None  # (B, h, N, d) the values, detached: the gradient of the weights is grad(out) vᵀ
+    bias: torch.Tensor | None = None  # (B, h, T, N) added to the logits (anchored fusion's offset bias), detached
 
     @property
     def stack(self) -> str:
@@ -67,14 +71,18 @@ class AttentionCall:
             return self.key_mask
         return None
 
-    def logits(self) -> torch.Tensor:  # (B, h, T, N), -inf where a key is not visible
+    def scores(self) -> torch.Tensor:  # (B, h, T, N): the logits before masking
         scores = (self.q @ self.k.transpose(-2, -1)) * self.scale
+        return scores if self.bias is None else scores + self.bias
+
+    def logits(self) -> torch.Tensor:  # (B, h, T, N), -inf where a key is not visible
+        scores = self.scores()
         return scores if self.visible is None else scores.masked_fill(~self.visible, float("-inf"))
 
     def weights(self) -> torch.Tensor:  # (B, h, T, N): what multiplies the values
-        if self.fn is not None:
+        if self.fn is not None and self.bias is None:
             return attention_weights(self.fn, self.q, self.k, self.key_mask, self.causal, self.layout)
-        return masked_softmax((self.q @ self.k.transpose(-2, -1)) * self.scale, self.visible)
+        return masked_softmax(self.scores(), self.visible)
 
 
 OnCall = Callable[[AttentionCall], None]
@@ -130,15 +138,17 @@ def find_blocks(model: nn.Module, stacks: set[str]) -> list[tuple[str, nn.Module
 # --------------------------------------------------------------------------- mmqa's own attention
 
 
-def _probe_mmqa(name: str, module: Attention | TimmAttention, record: OnCall | None, transform: OnOutput | None) -> Callable:
+def _probe_mmqa(name: str, module: nn.Module, record: OnCall | None, transform: OnOutput | None) -> Callable:
     original = module.attend
     site = attention_site(name, module)
 
     @functools.wraps(original)  # sets __wrapped__: binding.unbound still sees the configured variant
     def probe(q, k, v, key_mask=None, causal=False, layout=None, **kwargs):
         visible = visibility(key_mask, causal, q.shape[2], k.shape[2], q.device)
+        bias = kwargs.get("bias")
         call = AttentionCall(name, site, q.detach(), k.detach(), visible, q.shape[-1] ** -0.5,
-                             fn=original, key_mask=key_mask, causal=causal, layout=layout, v=v.detach())
+                             fn=original, key_mask=key_mask, causal=causal, layout=layout, v=v.detach(),
+                             bias=None if bias is None else bias.detach())
         if record is not None:
             record(call)
         out = original(q, k, v, key_mask=key_mask, causal=causal, layout=layout, **kwargs)  # (B, h, T, d)
@@ -208,7 +218,7 @@ def attention_modules(model: nn.Module, include: str | None = None) -> list[tupl
     """(path, module) of every attention the capture covers, optionally only paths matching `include`
     (a regular expression searched in the path)."""
     found = [(n, m) for n, m in model.named_modules()
-             if isinstance(m, (Attention, TimmAttention)) or _is_hf_attention(m)]
+             if isinstance(m, MMQA_ATTENTION) or _is_hf_attention(m)]
     return [(n, m) for n, m in found if include is None or re.search(include, n)]
 
 
@@ -233,7 +243,7 @@ def intercept_attention(model: nn.Module, include: str | None = None, on_call: O
     restore: list[tuple[nn.Module, str, object]] = []
     try:
         for name, module in attention_modules(model, include):
-            if isinstance(module, (Attention, TimmAttention)):
+            if isinstance(module, MMQA_ATTENTION):
                 restore.append((module, "attend", _probe_mmqa(name, module, on_call, on_output)))
             else:
                 restore.append((module, "config", _probe_hf(name, module, on_call, on_output)))

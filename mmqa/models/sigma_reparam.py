@@ -20,12 +20,14 @@ from torch.nn.utils import parametrize
 from transformers.models.bert.modeling_bert import BertSelfAttention
 from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
 
+from mmqa.models.fusion.anchored import AnchoredCrossAttention
 from mmqa.models.layers import Attention
 from mmqa.models.vit_attention import TimmAttention
 
 # the projections reparametrised, per attention module (GPT-2's Conv1D weights are (in, out): sigma is the same)
 PROJECTIONS = {
     Attention: ("q", "kv", "out"),  # mmqa's fusion
+    AnchoredCrossAttention: ("q", "kv", "out"),  # anchored fusion's cross-attention (its anchor, gate and read map stay)
     TimmAttention: ("qkv", "proj"),  # the ViT
     BertSelfAttention: ("query", "key", "value"),  # BERT / MiniLM (its output projection sits in another module)
     GPT2Attention: ("q_attn", "c_attn", "c_proj"),  # q_attn: cross-attention only

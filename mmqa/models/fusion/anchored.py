@@ -21,10 +21,13 @@ bias and the read maps at zero at step 0, the variant starts as plain cross fusi
 whole patch plane: the bias is a relative 2D position bias (as in Swin or T5, but anchored on a
 point the question picks rather than on the query's own place, which a text token does not have).
 
-The biased cross-attention is computed here (softmax of QK^T/sqrt(d) + bias, materialised: N is the
-patch count, 64 at the default size); the self-attention of the question keeps the configured
-attention function. Head pruning (mmqa.compress) does not reach these cross-attentions, and the
-inspect capture lists them as uncovered; `return_attention` (the demo's maps) gives their weights.
+The biased cross-attention runs through `biased_attention` below (softmax of QK^T/sqrt(d) + bias,
+materialised: N is the patch count, 64 at the default size), held as the module's `attend` like
+every mmqa attention, so the inspect capture sees each call with its bias and head masks reach it.
+The position read rides in the values: each head reads [v_j, p_j, 1], so a head's output carries
+its content, where it looked and how much it attended, and a head masked or pruned away
+(mmqa.compress.prune) takes its position read with it. The self-attention of the question keeps the
+configured attention function.
 """
 
 from __future__ import annotations
@@ -40,6 +43,22 @@ from mmqa.models.fusion.cross import CrossFusion
 from mmqa.models.fusion.relation import grid_positions
 
 OFFSET_FEATURES = 6  # phi's outputs: four half-plane distances, the Euclidean one, "at the anchor"
+
+
+def biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None,
+                     bias: torch.Tensor | None = None, dropout_p: float = 0.0, return_weights: bool = False,
+                     **unused) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """softmax(QK^T / sqrt d + bias) V for q (B, h, T, d), k (B, h, N, d), values v (B, h, N, e) of any
+    width, key_mask (B, N) bool (True = attend) and bias (B, h, T, N); returns (B, h, T, e), and the
+    (B, h, T, N) weights with `return_weights`. Dropout (`dropout_p`) drops weights after the softmax.
+    `unused`: the attention call's other keywords (causal, layout), which this cross-attention has not."""
+    logits = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, h, T, N)
+    if bias is not None:
+        logits = logits + bias
+    weights = masked_softmax(logits, None if key_mask is None else key_mask[:, None, None, :])
+    attend = F.dropout(weights, dropout_p) if dropout_p else weights
+    out = attend @ v  # (B, h, T, e)
+    return (out, weights) if return_weights else out
 
 
 class AnchoredCrossAttention(nn.Module):
@@ -63,6 +82,7 @@ class AnchoredCrossAttention(nn.Module):
         self.anchor = nn.Linear(dim, 2 * heads)  # c_t per head, through tanh into [-1, 1]^2
         self.gate = nn.Linear(dim, OFFSET_FEATURES * anchored_heads)  # g_t of each biased head (the first ones)
         self.read = nn.Linear(4 * heads, dim)  # (r_t, r_t - c_t) of every head -> the token
+        self.attend = biased_attention  # an attribute, as in `layers.Attention`: the inspect capture wraps it
         for layer in (self.gate, self.read):  # at step 0: plain cross-attention
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
@@ -88,17 +108,22 @@ class AnchoredCrossAttention(nn.Module):
         anchor = torch.tanh(self.anchor(x)).view(B, T, h, 2).transpose(1, 2)  # (B, h, T, 2)
         a = self.anchored
         gate = self.gate(x).view(B, T, a, OFFSET_FEATURES).transpose(1, 2)  # (B, a, T, 6)
-        logits = q @ k.transpose(-1, -2) / d**0.5  # (B, h, T, N)
         bias = self.offset_bias(p, anchor[:, :a], gate)  # (B, a, T, N)
-        logits = torch.cat([logits[:, :a] + bias, logits[:, a:]], dim=1) if a < h else logits + bias
+        if a < h:  # the heads past `anchored` read by content alone
+            bias = torch.cat([bias, bias.new_zeros(B, h - a, T, N)], dim=1)  # (B, h, T, N)
         # every patch visible (a ViT's patches): nothing to mask; an image with no patch reads nothing
-        visible = None if context_mask.all() else context_mask[:, None, None, :]  # (B, 1, 1, N)
-        weights = masked_softmax(logits, visible)  # (B, h, T, N)
-        attend = F.dropout(weights, self.dropout) if self.training and self.dropout else weights
-        y = (attend @ v).transpose(1, 2).reshape(B, T, h * d)  # (B, T, D)
-        looked = attend @ p  # (B, h, T, 2): where each head read, r_t
-        where = torch.cat([looked, looked - anchor], dim=-1).transpose(1, 2).reshape(B, T, 4 * h)  # (B, T, 4h)
-        return self.out(y) + self.read(where), (weights if need_weights else None)
+        visible = None if context_mask.all() else context_mask
+        # each head reads [content, position, 1]: (B, h, N, d + 3)
+        values = torch.cat([v, p.expand(B, h, N, 2), v.new_ones(B, h, N, 1)], dim=-1)
+        weights = None
+        if need_weights:
+            out, weights = biased_attention(q, k, values, visible, bias=bias, return_weights=True)
+        else:
+            drop = self.dropout if self.training else 0.0
+            out = self.attend(q, k, values, key_mask=visible, bias=bias, dropout_p=drop)  # (B, h, T, d + 3)
+        y, looked, mass = out.split([d, 2, 1], dim=-1)  # looked: where each head read, r_t; mass: 1 (0 if masked)
+        where = torch.cat([looked, looked - anchor * mass], dim=-1).transpose(1, 2).reshape(B, T, 4 * h)  # (B, T, 4h)
+        return self.out(y.transpose(1, 2).reshape(B, T, h * d)) + self.read(where), weights
 
     def offset_bias(
         self,
