@@ -199,7 +199,7 @@ def test_config_mistakes_are_all_listed_with_the_valid_keys(tiny_cfg, tmp_path):
     for expected in [
         "optim.lrr: unknown key (did you mean 'lr'?); torch.optim.AdamW takes: params, lr, betas,",
         "data.batch_size: expected int, got 'abc' (str)",
-        "model.fusion.deptth: unknown key (did you mean 'depth'?); mmqa.models.fusion.CrossFusion takes: dim, depth,",
+        "model.fusion.deptth: unknown key (did you mean 'depth'?); mmqa.models.fusion.AnchoredFusion takes: dim, depth,",
         "generation.num_beam: not an option of transformers' generate (did you mean 'num_beams'?)",
         "loss.vqaa: unknown key (did you mean 'vqa'?); valid keys: caption, concepts, contrastive, ingredients, recipe, vqa",
         "seeed: unknown key (did you mean 'seed'?); valid keys: callbacks, ckpt_path, compile, data,",
