@@ -306,3 +306,48 @@ def _grid(n: int) -> torch.Tensor:
     from mmqa.models.fusion.relation import grid_positions
 
     return grid_positions(n, torch.device("cpu"), torch.float32)
+
+
+# ------------------------------------------------------------------------------- attention pooling
+
+
+def _which_is_left(pool: torch.nn.Module, steps: int = 200) -> float:
+    """Two tokens, a role marker (asked-about, reference) plus the object's x in the first channel,
+    among padding-free filler; answer: is the asked-about object left of the reference? A mean adds
+    both tokens up, so the two x's arrive as one sum, and the answer is not in it."""
+    g = torch.Generator().manual_seed(0)
+    roles = torch.randn(2, D, generator=g)
+
+    def batch(n: int):
+        x = torch.rand(n, 2, generator=g) * 2 - 1  # (n, 2): x of the asked-about, of the reference
+        tokens = torch.randn(n, 4, D, generator=g) * 0.1  # (n, T, D): two fillers after the two objects
+        tokens[:, :2] += roles
+        tokens[:, :2, 0] += 3 * x
+        order = torch.rand(n, generator=g) < 0.5  # the reference first in half the questions
+        tokens[order, :2] = tokens[order, :2].flip(1)
+        return tokens, torch.ones(n, 4, dtype=torch.bool), (x[:, 0] < x[:, 1]).long()
+
+    head = torch.nn.Sequential(torch.nn.Linear(D, 64), torch.nn.GELU(), torch.nn.Linear(64, 2))
+    params = list(head.parameters()) + list(pool.parameters()) if isinstance(pool, torch.nn.Module) else list(head.parameters())
+    opt = torch.optim.Adam(params, lr=3e-3)
+    for _ in range(steps):
+        tokens, mask, y = batch(128)
+        loss = torch.nn.functional.cross_entropy(head(pool(tokens, mask)), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    tokens, mask, y = batch(1000)
+    with torch.no_grad():
+        return (head(pool(tokens, mask)).argmax(-1) == y).float().mean().item()
+
+
+def test_attention_pooling_starts_as_the_mean_and_keeps_two_objects_apart():
+    from mmqa.models.layers import AttentionPool, masked_mean
+
+    pool = AttentionPool(D, queries=2)
+    tokens, mask = torch.randn(3, 5, D), torch.tensor([[1, 1, 1, 0, 0]] * 3, dtype=torch.bool)
+    torch.testing.assert_close(pool(tokens, mask), masked_mean(tokens, mask))  # step 0: the mean
+    tokens[:, 3:] = 1e3  # padding is never read
+    torch.testing.assert_close(pool(tokens, mask), masked_mean(tokens, mask))
+    assert _which_is_left(masked_mean) < 0.6  # the sum of the two places does not say which is left
+    assert _which_is_left(AttentionPool(D, queries=2)) > 0.9

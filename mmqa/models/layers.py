@@ -119,3 +119,24 @@ def masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over the real tokens: (B, N, D), (B, N) -> (B, D)."""
     m = mask.unsqueeze(-1).to(tokens.dtype)  # (B, N, 1)
     return (tokens * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+class AttentionPool(nn.Module):
+    """Mean pooling plus `queries` learned attention reads over the tokens, each picking its own
+    token(s) by content: pooled = mean + W [read_1, ..., read_P]. A mean adds the tokens up, so two
+    named objects' states arrive as one sum and which was asked about is lost ("is the A left of the
+    B?" and "is the B left of the A?" pool alike when each noun carries its object's place); separate
+    reads keep them apart for the head. W starts at zero: at step 0 this is the mean."""
+
+    def __init__(self, dim: int, queries: int):
+        super().__init__()
+        self.score = nn.Linear(dim, queries)  # one logit per token and read
+        self.mix = nn.Linear(queries * dim, dim)
+        nn.init.zeros_(self.mix.weight)
+        nn.init.zeros_(self.mix.bias)
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # (B, T, D), (B, T) -> (B, D)
+        logits = self.score(tokens).masked_fill(~mask[..., None], float("-inf"))  # (B, T, P)
+        weights = logits.softmax(1).nan_to_num(0.0)  # (B, T, P); a row of padding only reads nothing
+        reads = torch.einsum("btp,btd->bpd", weights, tokens)  # (B, P, D)
+        return masked_mean(tokens, mask) + self.mix(reads.flatten(1))

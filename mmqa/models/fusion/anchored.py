@@ -145,7 +145,9 @@ class AnchoredCrossAttention(nn.Module):
 
 class AnchoredFusion(CrossFusion):
     def __init__(self, dim: int, depth: int, heads: int, mlp_ratio: float, dropout: float, bidirectional: bool,
-                 anchor_radius: float, anchored_heads: int, attention: Callable | None = None, qk_norm: bool = False):
-        super().__init__(dim, depth, heads, mlp_ratio, dropout, bidirectional, attention=attention, qk_norm=qk_norm)
+                 anchor_radius: float, anchored_heads: int, attention: Callable | None = None, qk_norm: bool = False,
+                 pool_queries: int = 0):
+        super().__init__(dim, depth, heads, mlp_ratio, dropout, bidirectional, attention=attention, qk_norm=qk_norm,
+                         pool_queries=pool_queries)
         for block in self.text_blocks:  # the question's cross-attentions; image blocks (bidirectional) keep theirs
             block.cross_attn = AnchoredCrossAttention(dim, heads, anchor_radius, anchored_heads, dropout, qk_norm)

@@ -4,7 +4,10 @@ style). With `bidirectional`, image patches also attend back to the question in 
 `attention` (conf/model/attention/) computes every attention here. A sliding window applies to the
 self-attention of the question (a band) and, with `bidirectional`, of the patches (a 2D
 neighbourhood); text -> image cross-attention stays dense, since a window has no meaning across
-two sequences (`mmqa.models.attention.binding.for_cross_attention`)."""
+two sequences (`mmqa.models.attention.binding.for_cross_attention`).
+
+The question tokens are pooled into one vector by their mean, or with `pool_queries` > 0 by the mean
+plus that many learned attention reads (`layers.AttentionPool`), which keep two named objects apart."""
 
 from __future__ import annotations
 
@@ -14,13 +17,13 @@ import torch
 from torch import nn
 
 from mmqa.models.attention.sliding_window import TokenLayout
-from mmqa.models.layers import Block, masked_mean
+from mmqa.models.layers import AttentionPool, Block, masked_mean
 from mmqa.models.outputs import FusionOutput
 
 
 class CrossFusion(nn.Module):
     def __init__(self, dim: int, depth: int, heads: int, mlp_ratio: float, dropout: float, bidirectional: bool,
-                 attention: Callable | None = None, qk_norm: bool = False):
+                 attention: Callable | None = None, qk_norm: bool = False, pool_queries: int = 0):
         super().__init__()
         def block():
             return Block(dim, heads, mlp_ratio, dropout, cross=True, attention=attention, qk_norm=qk_norm)
@@ -32,6 +35,7 @@ class CrossFusion(nn.Module):
             else None
         )
         self.norm = nn.LayerNorm(dim)
+        self.pool = AttentionPool(dim, pool_queries) if pool_queries else masked_mean
 
     def forward(
         self,
@@ -55,9 +59,9 @@ class CrossFusion(nn.Module):
                 v, _ = self.image_blocks[i](v, img_mask, t, txt_mask, layout=grid)
             t = t_new
         t = self.norm(t)
-        return FusionOutput(pooled=masked_mean(t, txt_mask), tokens=t, attention=weights)  # weights (B, h, T, N)
+        return FusionOutput(pooled=self.pool(t, txt_mask), tokens=t, attention=weights)  # weights (B, h, T, N)
 
     def readout(self, t: torch.Tensor, txt_mask: torch.Tensor) -> torch.Tensor:
         """The pooled output (Q, D) from question tokens (Q, T, D) after any layer: the logit lens reads
         intermediate layers the way the last one is read."""
-        return masked_mean(self.norm(t), txt_mask)
+        return self.pool(self.norm(t), txt_mask)
