@@ -301,6 +301,9 @@ def _check_combinations(cfg: DictConfig, problems: list[str]) -> None:
     warmup = cfg.scheduler.get("warmup_fraction")
     if warmup is not None:
         need(0 <= warmup < 1, f"scheduler.warmup_fraction must be in [0, 1), got {warmup}")
+    decay = cfg.scheduler.get("decay_fraction")
+    if decay is not None:
+        need(0 < decay <= 1 - (warmup or 0), f"scheduler.decay_fraction must be in (0, 1 - warmup_fraction], got {decay}")
     need(cfg.generation.get("num_beams", 1) >= 1, f"generation.num_beams must be >= 1, got {cfg.generation.get('num_beams')}")
     patch = OmegaConf.select(cfg, "model.image_encoder.patch_size")
     if isinstance(patch, int) and patch > 0:

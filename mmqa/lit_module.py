@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 import torchmetrics
 from open_clip.loss import ClipLoss
-from transformers import get_cosine_schedule_with_warmup
+from transformers import get_cosine_schedule_with_warmup, get_wsd_schedule
 
 from mmqa.compress.distill import Distiller
 from mmqa.compress.lora import check_towers
@@ -44,6 +44,14 @@ EPOCH_METRICS = {
 def warmup_cosine(optimizer: torch.optim.Optimizer, num_training_steps: int, warmup_fraction: float):
     """Linear warmup over `warmup_fraction` of the steps, then cosine decay to 0 (conf/scheduler/warmup_cosine.yaml)."""
     return get_cosine_schedule_with_warmup(optimizer, int(warmup_fraction * num_training_steps), num_training_steps)
+
+
+def warmup_stable_decay(optimizer: torch.optim.Optimizer, num_training_steps: int, warmup_fraction: float,
+                        decay_fraction: float):
+    """Linear warmup over `warmup_fraction` of the steps, the peak rate held, then cosine decay to 0 over
+    the last `decay_fraction` (transformers' WSD schedule; conf/scheduler/warmup_stable_decay.yaml)."""
+    return get_wsd_schedule(optimizer, int(warmup_fraction * num_training_steps),
+                            int(decay_fraction * num_training_steps), num_training_steps)
 
 
 def summed_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:  # (R, K), (R, K) -> ()

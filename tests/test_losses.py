@@ -129,3 +129,18 @@ def test_a_batch_without_labels_for_any_enabled_loss_is_a_clear_error(tiny_parts
     lit.train()
     with pytest.raises(MMQAError, match=r"batch 3 has no labels for any enabled loss \(ingredients, recipe\): this data has none of them; enable a loss"):
         lit.training_step(batch, 3)
+
+
+def test_warmup_stable_decay_holds_the_peak_then_decays_to_zero():
+    from mmqa.lit_module import warmup_stable_decay
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    sched = warmup_stable_decay(opt, num_training_steps=100, warmup_fraction=0.1, decay_fraction=0.2)
+    rates = []
+    for _ in range(100):
+        rates.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert rates[0] == 0.0 and rates[5] == pytest.approx(1.0)  # linear warmup over 10 steps
+    assert rates[10:81] == [pytest.approx(2.0)] * 71  # the peak held until the last 20 steps
+    assert rates[90] == pytest.approx(1.0) and rates[99] < 0.02  # cosine decay, half-way at 90, to 0

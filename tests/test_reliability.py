@@ -213,6 +213,8 @@ def test_config_mistakes_are_all_listed_with_the_valid_keys(tiny_cfg, tmp_path):
     (["data.on_bad_sample=maybe"], "data.on_bad_sample: 'maybe' is not an option; valid: raise, skip"),
     (["data.concept_top_k=-1"], "data.concept_top_k must be >= 0 (0: no concept loss), got -1"),
     (["model.fusion.heads=5"], "model.fusion: width 32 is not divisible by heads=5"),
+    (["scheduler=warmup_stable_decay", "scheduler.decay_fraction=0.99"],
+     "scheduler.decay_fraction must be in (0, 1 - warmup_fraction], got 0.99"),
     (["model.image_encoder.patch_size=5"], "data.image_size=32 is not a multiple of model.image_encoder.patch_size=5"),
     (["model.image_encoder.stem_strides=[2,2,2,2]"], "model.image_encoder.stem_strides=[2, 2, 2, 2] must give one "
                                                      "stride per stem_channels entry (4) and multiply to "
@@ -234,7 +236,8 @@ def test_all_losses_off_is_refused(tiny_cfg):
 
 def test_every_shipped_option_passes_the_check(tiny_cfg):
     for overrides in [(), ("model/fusion=early",), ("model/fusion=late",), ("trainer=ddp",), ("loss=vqa",),
-                      ("loss=vqa_caption", "data.batch_size=1"), ("logger=tensorboard",)]:
+                      ("loss=vqa_caption", "data.batch_size=1"), ("logger=tensorboard",),
+                      ("scheduler=warmup_stable_decay",)]:
         check_config(tiny_cfg(*overrides))
 
 
