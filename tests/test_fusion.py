@@ -349,5 +349,9 @@ def test_attention_pooling_starts_as_the_mean_and_keeps_two_objects_apart():
     torch.testing.assert_close(pool(tokens, mask), masked_mean(tokens, mask))  # step 0: the mean
     tokens[:, 3:] = 1e3  # padding is never read
     torch.testing.assert_close(pool(tokens, mask), masked_mean(tokens, mask))
+    mask[0] = False  # a row of padding only reads nothing, and passes no NaN back
+    torch.nn.init.normal_(pool.mix.weight)
+    pool(tokens, mask).sum().backward()
+    assert pool.score.weight.grad.isfinite().all() and pool.mix.weight.grad.isfinite().all()
     assert _which_is_left(masked_mean) < 0.6  # the sum of the two places does not say which is left
     assert _which_is_left(AttentionPool(D, queries=2)) > 0.9

@@ -12,7 +12,8 @@ Every transformer mmqa builds is covered, each through its own attribute names:
 `prune(model, heads, neurons)` keeps the listed heads / neurons of each module, in place, and returns
 the new sizes, `{"heads": {module path: n}, "hidden": {path: n}}` (and `"anchored": {path: n}`, the
 biased heads left in an anchored cross-attention), which the bundle's config records; `Bundle.load`
-calls `resize` with those counts alone to build the smaller shapes before the weights load. Which heads and neurons to keep is decided by `rank_*` below.
+calls `resize` with those counts alone to build the smaller shapes before the weights load. Which
+heads and neurons to keep is decided by `rank_*` below.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from mmqa.models.attention import sdpa
+from mmqa.models.attention.dense import masked_softmax
 from mmqa.models.attention.binding import attention_weights, check_dropout, for_cross_attention
 from mmqa.models.attention.sliding_window import TokenLayout
 
@@ -136,7 +137,7 @@ class AttentionPool(nn.Module):
         nn.init.zeros_(self.mix.bias)
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # (B, T, D), (B, T) -> (B, D)
-        logits = self.score(tokens).masked_fill(~mask[..., None], float("-inf"))  # (B, T, P)
-        weights = logits.softmax(1).nan_to_num(0.0)  # (B, T, P); a row of padding only reads nothing
-        reads = torch.einsum("btp,btd->bpd", weights, tokens)  # (B, P, D)
+        logits = self.score(tokens).transpose(1, 2)  # (B, P, T)
+        weights = masked_softmax(logits, mask[:, None, :])  # (B, P, T); a row of padding only reads nothing
+        reads = weights @ tokens  # (B, P, D)
         return masked_mean(tokens, mask) + self.mix(reads.flatten(1))

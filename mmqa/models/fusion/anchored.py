@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmqa.models.attention.dense import masked_softmax
+from mmqa.models.attention.dense import masked_softmax, visibility
 from mmqa.models.fusion.cross import CrossFusion
 from mmqa.models.fusion.relation import grid_positions
 
@@ -55,7 +55,7 @@ def biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask
     logits = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, h, T, N)
     if bias is not None:
         logits = logits + bias
-    weights = masked_softmax(logits, None if key_mask is None else key_mask[:, None, None, :])
+    weights = masked_softmax(logits, visibility(key_mask, False, q.shape[2], k.shape[2], q.device))
     attend = F.dropout(weights, dropout_p) if dropout_p else weights
     out = attend @ v  # (B, h, T, e)
     return (out, weights) if return_weights else out
