@@ -56,7 +56,7 @@ class Attention(nn.Module):
         k = self.k_norm(k)
         if context_idx is not None:
             # keys/values are projected once per image and gathered per question, not once per question
-            k, v, context_mask = k[context_idx], v[context_idx], context_mask[context_idx]  # (B, h, N, d)
+            k, v, context_mask = (t.index_select(0, context_idx) for t in (k, v, context_mask))  # (B, h, N, d)
         weights = None
         if need_weights:
             weights = attention_weights(self.attend, q, k, context_mask, layout=layout)  # (B, h, T, N)

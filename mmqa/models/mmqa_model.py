@@ -159,7 +159,7 @@ class MMQAModel(nn.Module):
         return_logits: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """The LM loss; with `return_logits`, (loss, logits (C, L, V))."""
-        return self.decoder.loss(img.tokens[c_img_idx], input_ids, attention_mask, labels, return_logits)
+        return self.decoder.loss(img.tokens.index_select(0, c_img_idx), input_ids, attention_mask, labels, return_logits)
 
     def generate(
         self, img: EncoderOutput, prompt_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **generate_kwargs

@@ -32,6 +32,7 @@ configured attention function.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -103,7 +104,7 @@ class AnchoredCrossAttention(nn.Module):
         k, v = self.kv(context).view(Bc, N, 2, h, d).permute(2, 0, 3, 1, 4)  # 2 x (Bc, h, N, d)
         k = self.k_norm(k)
         if context_idx is not None:
-            k, v, context_mask = k[context_idx], v[context_idx], context_mask[context_idx]  # (B, h, N, d)
+            k, v, context_mask = (t.index_select(0, context_idx) for t in (k, v, context_mask))  # (B, h, N, d)
         p = grid_positions(N, x.device, x.dtype)  # (N, 2)
         anchor = torch.tanh(self.anchor(x)).view(B, T, h, 2).transpose(1, 2)  # (B, h, T, 2)
         a = self.anchored
@@ -127,20 +128,28 @@ class AnchoredCrossAttention(nn.Module):
 
     def offset_bias(
         self,
-        p: torch.Tensor,  # (N, 2) patch positions
+        p: torch.Tensor,  # (N, 2) patch positions on a grid, row-major (grid_positions)
         anchor: torch.Tensor,  # (B, h, T, 2)
         gate: torch.Tensor,  # (B, h, T, 6): g_t, the weight of each offset feature
     ) -> torch.Tensor:
-        """g_t . phi(p_j - c_t) for every patch: (B, h, T, N). Written as a sum of (B, h, T, N) terms,
-        with relu(a) = (a + |a|) / 2 pairing each half-plane with its opposite, since materialising
-        phi (B, h, T, N, 6) and contracting it took 4-5x as long, forward and backward."""
-        dx = p[:, 0] - anchor[..., :1]  # (B, h, T, N)
-        dy = p[:, 1] - anchor[..., 1:]
-        distance = (dx * dx + dy * dy + 1e-12).sqrt()  # the epsilon keeps the gradient finite at the anchor
-        g = gate[..., None]  # (B, h, T, 6, 1)
-        right, down, left, up, far, at = g.unbind(-2)  # each (B, h, T, 1)
-        return (((right - left) * dx + (right + left) * dx.abs() + (down - up) * dy + (down + up) * dy.abs()) / 2
-                + far * distance + at * (1 - distance / self.radius).relu())
+        """g_t . phi(p_j - c_t) for every patch: (B, h, T, N). The half-plane terms depend on a patch's
+        column (x) or row (y) alone, so they are computed per column and per row and broadcast; only the
+        distance terms take a (B, h, T, rows, cols) tensor. relu(a) = (a + |a|) / 2 pairs each half-plane
+        with its opposite. (Materialising phi (B, h, T, N, 6) and contracting it took 4-5x as long, and
+        computing every term at (B, h, T, N) 1.3x as long, forward and backward.)"""
+        n = p.shape[0]
+        side = math.isqrt(n)
+        rows, cols = (side, side) if side * side == n else (1, n)  # as grid_positions lays them out
+        dx = p[:cols, 0] - anchor[..., :1]  # (B, h, T, cols)
+        dy = p[::cols, 1] - anchor[..., 1:]  # (B, h, T, rows)
+        right, down, left, up, far, at = gate[..., None].unbind(-2)  # each (B, h, T, 1)
+        by_col = ((right - left) * dx + (right + left) * dx.abs()) / 2  # (B, h, T, cols)
+        by_row = ((down - up) * dy + (down + up) * dy.abs()) / 2  # (B, h, T, rows)
+        # the epsilon keeps the gradient finite at the anchor
+        distance = (dy.square()[..., :, None] + dx.square()[..., None, :] + 1e-12).sqrt()  # (B, h, T, rows, cols)
+        near = (1 - distance / self.radius).relu()
+        bias = by_row[..., :, None] + by_col[..., None, :] + far[..., None] * distance + at[..., None] * near
+        return bias.flatten(-2)  # (B, h, T, N)
 
 
 class AnchoredFusion(CrossFusion):

@@ -49,7 +49,7 @@ class CrossFusion(nn.Module):
         t, v, v_idx = txt_tokens, img_tokens, img_idx
         if self.image_blocks is not None:
             # image tokens will be updated per question, so each question needs its own copy
-            v, img_mask, v_idx = img_tokens[img_idx], img_mask[img_idx], None
+            v, img_mask, v_idx = img_tokens.index_select(0, img_idx), img_mask.index_select(0, img_idx), None
         grid = TokenLayout.patches(img_tokens.shape[1])  # the patches' 2D grid, for a sliding window
         weights = None
         for i, blk in enumerate(self.text_blocks):

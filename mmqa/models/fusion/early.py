@@ -38,7 +38,7 @@ class EarlyFusion(nn.Module):
         img_idx: torch.Tensor,  # (Q,) image row of each question
         return_attention: bool = False,
     ) -> FusionOutput:
-        img_tokens, img_mask = img_tokens[img_idx], img_mask[img_idx]  # (Q, N, D): one joint sequence per question
+        img_tokens, img_mask = img_tokens.index_select(0, img_idx), img_mask.index_select(0, img_idx)  # (Q, N, D): one joint sequence per question
         B, N, _ = img_tokens.shape
         fuse = self.fuse_token.expand(B, -1, -1)  # (B, 1, D)
         x = torch.cat([fuse, img_tokens + self.modality[0], txt_tokens + self.modality[1]], dim=1)  # (B, 1+N+T, D)

@@ -28,7 +28,7 @@ class LateFusion(nn.Module):
         img_idx: torch.Tensor,  # (Q,) image row of each question
         return_attention: bool = False,
     ) -> FusionOutput:
-        i = masked_mean(img_tokens, img_mask)[img_idx]  # (Q, D), pooled once per image
+        i = masked_mean(img_tokens, img_mask).index_select(0, img_idx)  # (Q, D), pooled once per image
         t = masked_mean(txt_tokens, txt_mask)  # (Q, D)
         pooled = self.mlp(torch.cat([i, t, i * t, (i - t).abs()], dim=-1))  # (Q, D)
         return FusionOutput(pooled=pooled, tokens=txt_tokens, attention=None)

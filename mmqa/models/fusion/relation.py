@@ -74,8 +74,8 @@ class RelationFusion(CrossFusion):
         pairs = self.first(picked)[:, :, None] + self.second(picked)[:, None, :] + self.offset(geometry)  # (B, K, K, R)
         weight = w[:, :, None] * w[:, None, :]  # (B, K, K)
         scale, shift = self.film(question).chunk(2, dim=-1)  # (Q, R) each
-        h = self.g(pairs[img_idx] * (1 + scale[:, None, None]) + shift[:, None, None])  # (Q, K, K, R)
-        return self.f(torch.einsum("qijr,qij->qr", h, weight[img_idx]) / top.shape[1])  # (Q, D)
+        h = self.g(pairs.index_select(0, img_idx) * (1 + scale[:, None, None]) + shift[:, None, None])  # (Q, K, K, R)
+        return self.f(torch.einsum("qijr,qij->qr", h, weight.index_select(0, img_idx)) / top.shape[1])  # (Q, D)
 
 
 def grid_positions(n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
