@@ -248,6 +248,26 @@ def test_the_anchored_bias_points_where_its_offset_features_say():
     assert w[3, 3].sum() > 0.9  # down: the last row
 
 
+@pytest.mark.parametrize("n", [16, 6])  # a 4 x 4 grid; 6 tokens, not a square: one row
+def test_the_anchored_bias_equals_its_formula(n):
+    """offset_bias computes the half-plane terms per column and row and broadcasts them: it must equal
+    g . phi(p_j - c) written out patch by patch, phi = (relu(dx), relu(dy), relu(-dx), relu(-dy), |d|,
+    relu(1 - |d| / radius))."""
+    from mmqa.models.fusion.anchored import OFFSET_FEATURES, AnchoredCrossAttention
+
+    attn = AnchoredCrossAttention(D, heads=2, radius=0.3)
+    g = torch.Generator().manual_seed(0)
+    anchor = torch.rand(3, 2, 5, 2, generator=g) * 2 - 1  # (B, h, T, 2)
+    gate = torch.randn(3, 2, 5, OFFSET_FEATURES, generator=g)  # (B, h, T, 6)
+    p = _grid(n)  # (N, 2)
+    d = p - anchor[..., None, :]  # (B, h, T, N, 2)
+    dist = d.norm(dim=-1)
+    phi = torch.stack([d[..., 0].relu(), d[..., 1].relu(), (-d[..., 0]).relu(), (-d[..., 1]).relu(), dist,
+                       (1 - dist / 0.3).relu()], -1)  # (B, h, T, N, 6)
+    expected = (phi * gate[..., None, :]).sum(-1)  # (B, h, T, N)
+    torch.testing.assert_close(attn.offset_bias(p, anchor, gate), expected, atol=1e-5, rtol=0)
+
+
 def test_heads_past_anchored_heads_read_by_content_alone():
     from mmqa.models.fusion.anchored import AnchoredCrossAttention
 
