@@ -32,7 +32,6 @@ configured attention function.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -41,7 +40,7 @@ from torch import nn
 
 from mmqa.models.attention.dense import masked_softmax, visibility
 from mmqa.models.fusion.cross import CrossFusion
-from mmqa.models.fusion.relation import grid_positions
+from mmqa.models.fusion.relation import grid_positions, grid_shape
 
 OFFSET_FEATURES = 6  # phi's outputs: four half-plane distances, the Euclidean one, "at the anchor"
 
@@ -137,9 +136,7 @@ class AnchoredCrossAttention(nn.Module):
         distance terms take a (B, h, T, rows, cols) tensor. relu(a) = (a + |a|) / 2 pairs each half-plane
         with its opposite. (Materialising phi (B, h, T, N, 6) and contracting it took 4-5x as long, and
         computing every term at (B, h, T, N) 1.3x as long, forward and backward.)"""
-        n = p.shape[0]
-        side = math.isqrt(n)
-        rows, cols = (side, side) if side * side == n else (1, n)  # as grid_positions lays them out
+        cols = grid_shape(p.shape[0])[1]  # as grid_positions lays them out
         dx = p[:cols, 0] - anchor[..., :1]  # (B, h, T, cols)
         dy = p[::cols, 1] - anchor[..., 1:]  # (B, h, T, rows)
         right, down, left, up, far, at = gate[..., None].unbind(-2)  # each (B, h, T, 1)

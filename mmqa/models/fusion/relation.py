@@ -78,11 +78,16 @@ class RelationFusion(CrossFusion):
         return self.f(torch.einsum("qijr,qij->qr", h, weight.index_select(0, img_idx)) / top.shape[1])  # (Q, D)
 
 
-def grid_positions(n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """(x, y) in [-1, 1] of each of n patch tokens in row-major order on a square grid; a token
-    sequence that is not a square is laid out as one row. Only differences between positions are used."""
+def grid_shape(n: int) -> tuple[int, int]:
+    """(rows, cols) of n patch tokens: a square grid, or one row when n is not a square."""
     g = math.isqrt(n)
-    rows, cols = (g, g) if g * g == n else (1, n)
+    return (g, g) if g * g == n else (1, n)
+
+
+def grid_positions(n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(x, y) in [-1, 1] of each of n patch tokens in row-major order on the grid of `grid_shape`.
+    Only differences between positions are used."""
+    rows, cols = grid_shape(n)
     ys, xs = torch.meshgrid(torch.linspace(-1, 1, rows, device=device, dtype=dtype),
                             torch.linspace(-1, 1, cols, device=device, dtype=dtype), indexing="ij")
     return torch.stack([xs.flatten(), ys.flatten()], dim=-1)  # (N, 2)
