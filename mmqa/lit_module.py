@@ -54,10 +54,14 @@ def warmup_stable_decay(optimizer: torch.optim.Optimizer, num_training_steps: in
                             int(decay_fraction * num_training_steps), num_training_steps)
 
 
-def summed_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:  # (R, K), (R, K) -> ()
+def summed_bce(logits: torch.Tensor, targets: torch.Tensor, row_weight: torch.Tensor | None = None) -> torch.Tensor:
     """BCE summed over the vocabulary and averaged over rows: the usual VQA scale, shared by every
-    multi-label term (answers, ingredients, caption concepts)."""
-    return F.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / len(logits)
+    multi-label term (answers, ingredients, caption concepts). `row_weight` (R,): a factor on each
+    row's sum (the average stays over R rows, so weights above 1 add to the term)."""
+    if row_weight is None:
+        return F.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / len(logits)
+    per_row = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").sum(-1)  # (R,)
+    return (per_row * row_weight).sum() / len(logits)
 
 
 class NonFiniteLossError(MMQAError):
@@ -81,6 +85,7 @@ class LitMMQA(L.LightningModule):
         concepts: list[str] = (),
         distiller: Distiller | None = None,
         lr_scale: dict[str, float] | None = None,
+        family_weight: dict[str, float] | None = None,
     ):
         """`optimizer` and `scheduler`: partials (`_partial_: true` in conf/optim/ and conf/scheduler/)
         completed in `configure_optimizers`; None for a module that only evaluates. `concepts`: the caption-word vocabulary of the concept loss (`mmqa.data.concepts`; no concept
@@ -90,7 +95,9 @@ class LitMMQA(L.LightningModule):
         kwargs (conf/train.yaml). `distiller`: a teacher whose KL terms join the training losses
         (mmqa/compress/distill.py), weighted by `distill` in conf/train.yaml. `lr_scale`: tower ->
         factor on the learning rate of its own weights (a pretrained tower learns slower than the
-        new parts; LoRA adapters are new weights and keep the full rate)."""
+        new parts; LoRA adapters are new weights and keep the full rate). `family_weight`: question
+        family -> factor on its questions' VQA loss (the others keep 1); each family must be one of
+        `families`."""
         super().__init__()
         unknown = set(loss_weights) - set(TASKS)
         if unknown:
@@ -105,6 +112,11 @@ class LitMMQA(L.LightningModule):
             self.loss_weights |= distiller.weights
         self.make_optimizer, self.make_scheduler = optimizer, scheduler
         self.lr_scale = dict(lr_scale or {})
+        self.family_weight = {f: float(w) for f, w in (family_weight or {}).items()}
+        unknown = sorted(set(self.family_weight) - set(families))
+        if unknown:
+            raise MMQAError(f"vqa_family_weight: {unknown} is not a question family of this data; "
+                            f"its families: {', '.join(families) or 'none'}")
         self.generation = dict(generation)
         self.max_caption_eval_images = max_caption_eval_images
         self.ingredients = list(ingredients)
@@ -138,7 +150,7 @@ class LitMMQA(L.LightningModule):
         if batch.num_questions and (w["vqa"] > 0 or not self.training):
             q = m.encode_text(batch.q_input_ids, batch.q_attention_mask)
             logits, _ = m.answer_logits(img, batch.q_img_idx, q)  # (Q, K)
-            losses["vqa"] = summed_bce(logits, batch.vqa_targets)
+            losses["vqa"] = summed_bce(logits, batch.vqa_targets, self.question_weight(batch))
             out["vqa_logits"] = logits
         distill = self.distiller is not None and self.training
         if batch.num_captions and (w["caption"] > 0 or not self.training):
@@ -171,6 +183,13 @@ class LitMMQA(L.LightningModule):
         if distill:  # the teacher's answer and caption distributions, as well as the labels
             losses |= self.distiller.losses(batch, out)
         return losses, out
+
+    def question_weight(self, batch: Batch) -> torch.Tensor | None:  # (Q,) or None
+        """Each question's factor on the VQA loss, from its family (`family_weight`); None when all are 1."""
+        if not self.family_weight:
+            return None
+        w = [self.family_weight.get(f, 1.0) for f in batch.q_families]
+        return torch.tensor(w, dtype=batch.vqa_targets.dtype, device=batch.vqa_targets.device)
 
     def total_loss(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
         return sum(self.loss_weights[k] * v for k, v in losses.items() if self.loss_weights[k] > 0)

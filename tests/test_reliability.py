@@ -212,6 +212,7 @@ def test_config_mistakes_are_all_listed_with_the_valid_keys(tiny_cfg, tmp_path):
     (["data.max_captions_per_image=0"], "data.max_captions_per_image must be >= 1"),
     (["data.on_bad_sample=maybe"], "data.on_bad_sample: 'maybe' is not an option; valid: raise, skip"),
     (["data.concept_top_k=-1"], "data.concept_top_k must be >= 0 (0: no concept loss), got -1"),
+    (["+vqa_family_weight.spatial=-1"], "vqa_family_weight.spatial must be >= 0, got -1.0"),
     (["model.fusion.heads=5"], "model.fusion: width 32 is not divisible by heads=5"),
     (["scheduler=warmup_stable_decay", "scheduler.decay_fraction=0.99"],
      "scheduler.decay_fraction must be in (0, 1 - warmup_fraction], got 0.99"),
