@@ -199,16 +199,19 @@ def drop_plan(model):
     return keep_heads, keep_neurons
 
 
-@pytest.mark.parametrize("fusion", ["cross", "anchored"])
+@pytest.mark.parametrize("fusion", ["cross", "anchored", "anchored_sink"])
 def test_a_pruned_model_is_smaller_and_computes_what_the_masked_original_does(tiny_parts, fusion):
+    sink = fusion == "anchored_sink"
+    fusion = fusion.removesuffix("_sink")
     overrides = [f"model/fusion={fusion}"] + (["model.fusion.anchored_heads=2"] if fusion == "anchored" else [])
+    overrides += ["model.fusion.sink=true"] if sink else []
     cfg, dm, model, lit, batch = tiny_parts(*overrides)
     lit.eval()
-    if fusion == "anchored":  # trained-like: an offset bias and a position read that are not zero
+    if fusion == "anchored":  # trained-like: an offset bias, a position read and a sink that are not zero
         torch.manual_seed(0)
         with torch.no_grad():
             for block in model.fusion.text_blocks:
-                for layer in (block.cross_attn.gate, block.cross_attn.read):
+                for layer in (block.cross_attn.gate, block.cross_attn.read) + ((block.cross_attn.sink,) if sink else ()):
                     nn.init.normal_(layer.weight, std=0.3)
     keep_heads, keep_neurons = drop_plan(model)
     assert {stack_of(p) for p in keep_heads} == {stack_of(p) for p in keep_neurons} == {"image", "text", "fusion", "decoder"}
@@ -252,6 +255,7 @@ def test_a_pruned_model_is_smaller_and_computes_what_the_masked_original_does(ti
         assert (cross.heads, cross.anchored) == (3, 1) and cross.gate.weight.shape == (6, 32)
         assert cross.anchor.weight.shape == (6, 32) and cross.read.weight.shape == (32, 12)
         assert sizes["anchored"] == {f"fusion.text_blocks.{i}.cross_attn": 1 for i in range(2)}
+        assert cross.sink is None if not sink else cross.sink.weight.shape == (3, 32)
     # a fresh model resized from the recorded sizes alone has every tensor's shape (Bundle.load's path)
     fresh = tiny_parts(*overrides)[2]
     resize(fresh, sizes)

@@ -285,17 +285,49 @@ def test_heads_past_anchored_heads_read_by_content_alone():
     assert not torch.allclose(after[:, :2], before[:, :2], atol=1e-3)
 
 
-def test_the_inspect_capture_sees_the_anchored_cross_attention_with_its_bias():
-    """The capture records each anchored call with its offset bias, so the weights it rebuilds are the
-    ones the module applied; a head masked through it loses its content and its position read."""
+def test_a_sink_leaves_mass_that_grows_with_what_matches():
+    """With a null key, the weights are exp(l_j) / (exp(s) + sum exp(l_k)); the mass a head reads back
+    grows with the number of patches that match its query, where a plain softmax's is always 1."""
+    from mmqa.models.fusion.anchored import biased_attention
+
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 3, 4, 8), torch.randn(2, 3, 16, 8)
+    v, sink = torch.randn(2, 3, 16, 5), torch.randn(2, 3, 4)
+    mask = torch.ones(2, 16, dtype=torch.bool)
+    mask[1, 10:] = False
+    out, w = biased_attention(q, k, v, mask, return_weights=True, sink=sink)
+    logits = (q @ k.transpose(-2, -1)) / 8 ** 0.5
+    e = logits.exp() * mask[:, None, None, :]
+    expected = e / (sink.exp()[..., None] + e.sum(-1, keepdim=True))
+    torch.testing.assert_close(w, expected)
+    torch.testing.assert_close(out, expected @ v)
+    assert (w.sum(-1) < 1).all() and w[1, ..., 10:].abs().max() == 0
+    # one query that matches a patch with logit 4 above the rest: its mass counts the matching patches
+    k = torch.zeros(1, 1, 16, 8)
+    q = torch.zeros(1, 1, 1, 8)
+    q[..., 0] = 4 * 8 ** 0.5
+    mass = []
+    for n in range(5):
+        k[..., :n, 0] = 1.0
+        ones = torch.ones(1, 1, 16, 1)
+        mass.append(biased_attention(q, k, ones, sink=torch.full((1, 1, 1), 6.0)).item())
+        plain = biased_attention(q, k, ones).item()
+        assert plain == pytest.approx(1.0)
+    assert all(b > a + 0.05 for a, b in zip(mass, mass[1:])), mass
+
+
+@pytest.mark.parametrize("sink", [False, True])
+def test_the_inspect_capture_sees_the_anchored_cross_attention_with_its_bias(sink):
+    """The capture records each anchored call with its offset bias (and sink), so the weights it rebuilds
+    are the ones the module applied; a head masked through it loses its content and its position read."""
     from mmqa.inspect.capture import attention_modules, capture_attention, uncovered
     from mmqa.inspect.heads import head_counts, head_mask
     from mmqa.models.fusion.anchored import AnchoredCrossAttention
 
     torch.manual_seed(0)
-    attn = AnchoredCrossAttention(D, heads=4, radius=0.3, anchored_heads=2).eval()
+    attn = AnchoredCrossAttention(D, heads=4, radius=0.3, anchored_heads=2, sink=sink).eval()
     with torch.no_grad():
-        for layer in (attn.gate, attn.read):  # trained-like: a bias and a read that are not zero
+        for layer in (attn.gate, attn.read) + ((attn.sink,) if sink else ()):  # trained-like: not zero
             torch.nn.init.normal_(layer.weight, std=0.5)
     x, context, mask = torch.randn(2, 3, D), torch.randn(2, 16, D), torch.ones(2, 16, dtype=torch.bool)
     assert [n for n, _ in attention_modules(attn)] == [""] and uncovered(attn) == []
@@ -307,6 +339,7 @@ def test_the_inspect_capture_sees_the_anchored_cross_attention_with_its_bias():
         (call,) = calls
         assert call.bias.shape == (2, 4, 3, 16) and call.bias[:, 2:].abs().max() == 0  # heads 2, 3: no bias
         torch.testing.assert_close(call.weights(), weights, atol=1e-6, rtol=0)
+        assert (call.sink is not None) == sink and (weights.sum(-1).min() < 0.5) == sink  # the sink takes mass
         (site,) = head_counts(attn)  # a layer alone: the site has no stack or block
         with head_mask(attn, {site: torch.tensor([1.0, 0.0, 1.0, 1.0])}):
             masked, _ = attn(x, context, mask)

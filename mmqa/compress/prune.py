@@ -90,6 +90,8 @@ def keep_heads(model: nn.Module, path: str, keep: list[int]) -> None:
             m.anchor = _out_features(m.anchor, _features(keep, h, 2))
             m.read = _in_features(m.read, _features(keep, h, 4))
             m.gate = _out_features(m.gate, _features(biased, m.anchored, OFFSET_FEATURES))
+            if m.sink is not None:
+                m.sink = _out_features(m.sink, _features(keep, h, 1))
             m.anchored = len(biased)
         m.heads = len(keep)
     elif isinstance(m, TimmAttention):

@@ -32,9 +32,9 @@ from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from mmqa.models.attention.binding import attention_weights
-from mmqa.models.attention.dense import masked_softmax, visibility
+from mmqa.models.attention.dense import visibility
 from mmqa.models.attention.sliding_window import TokenLayout
-from mmqa.models.fusion.anchored import AnchoredCrossAttention
+from mmqa.models.fusion.anchored import AnchoredCrossAttention, sink_softmax
 from mmqa.models.layers import Attention
 from mmqa.models.vit_attention import TimmAttention
 
@@ -59,6 +59,7 @@ class AttentionCall:
     layout: TokenLayout | None = None
     v: torch.Tensor | None = None  # (B, h, N, d) the values, detached: the gradient of the weights is grad(out) vᵀ
     bias: torch.Tensor | None = None  # (B, h, T, N) added to the logits (anchored fusion's offset bias), detached
+    sink: torch.Tensor | None = None  # (B, h, T) the logit of a null key whose weight is dropped (anchored `sink`), detached
 
     @property
     def stack(self) -> str:
@@ -80,9 +81,9 @@ class AttentionCall:
         return scores if self.visible is None else scores.masked_fill(~self.visible, float("-inf"))
 
     def weights(self) -> torch.Tensor:  # (B, h, T, N): what multiplies the values
-        if self.fn is not None and self.bias is None:
+        if self.fn is not None and self.bias is None and self.sink is None:
             return attention_weights(self.fn, self.q, self.k, self.key_mask, self.causal, self.layout)
-        return masked_softmax(self.scores(), self.visible)
+        return sink_softmax(self.scores(), self.visible, self.sink)
 
 
 OnCall = Callable[[AttentionCall], None]
@@ -145,10 +146,10 @@ def _probe_mmqa(name: str, module: nn.Module, record: OnCall | None, transform: 
     @functools.wraps(original)  # sets __wrapped__: binding.unbound still sees the configured variant
     def probe(q, k, v, key_mask=None, causal=False, layout=None, **kwargs):
         visible = visibility(key_mask, causal, q.shape[2], k.shape[2], q.device)
-        bias = kwargs.get("bias")
+        bias, sink = kwargs.get("bias"), kwargs.get("sink")
         call = AttentionCall(name, site, q.detach(), k.detach(), visible, q.shape[-1] ** -0.5,
                              fn=original, key_mask=key_mask, causal=causal, layout=layout, v=v.detach(),
-                             bias=None if bias is None else bias.detach())
+                             bias=None if bias is None else bias.detach(), sink=None if sink is None else sink.detach())
         if record is not None:
             record(call)
         out = original(q, k, v, key_mask=key_mask, causal=causal, layout=layout, **kwargs)  # (B, h, T, d)

@@ -21,6 +21,14 @@ bias and the read maps at zero at step 0, the variant starts as plain cross fusi
 whole patch plane: the bias is a relative 2D position bias (as in Swin or T5, but anchored on a
 point the question picks rather than on the query's own place, which a text token does not have).
 
+With `sink`, each head also has a null key (an attention sink, the "+1" of a quiet softmax) whose
+logit s_t is a linear function of the token and whose value is zero: the weights on the patches are
+exp(l_j) / (exp(s_t) + sum_k exp(l_k)) and sum to less than one, so the mass a head puts on the
+patches (the `1` channel it reads back) says how much of the image matched what it looked for, near
+the anchor or on one side of it (is the red circle left of the square? how many objects are above
+it?), where a plain softmax spends a mass of one whatever matched. With its map at zero at step 0,
+the sink holds 1 / (N + 1) of the mass when the logits are level.
+
 The biased cross-attention runs through `biased_attention` below (softmax of QK^T/sqrt(d) + bias,
 materialised: N is the patch count, 64 at the default size), held as the module's `attend` like
 every mmqa attention, so the inspect capture sees each call with its bias and head masks reach it.
@@ -45,17 +53,29 @@ from mmqa.models.fusion.relation import grid_positions, grid_shape
 OFFSET_FEATURES = 6  # phi's outputs: four half-plane distances, the Euclidean one, "at the anchor"
 
 
+def sink_softmax(logits: torch.Tensor, visible: torch.Tensor | None, sink: torch.Tensor | None) -> torch.Tensor:
+    """Softmax of logits (B, h, T, N) over the visible keys and, with `sink` (B, h, T), a null key of that
+    logit whose weight is dropped: the (B, h, T, N) weights then sum to less than one (zero where no
+    key is visible). Without a sink, `masked_softmax`."""
+    if sink is None:
+        return masked_softmax(logits, visible)
+    if visible is not None:
+        logits = logits.masked_fill(~visible, float("-inf"))
+    return torch.cat([logits, sink[..., None]], dim=-1).softmax(-1)[..., :-1]  # (B, h, T, N)
+
+
 def biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None,
                      bias: torch.Tensor | None = None, dropout_p: float = 0.0, return_weights: bool = False,
-                     **unused) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                     sink: torch.Tensor | None = None, **unused) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """softmax(QK^T / sqrt d + bias) V for q (B, h, T, d), k (B, h, N, d), values v (B, h, N, e) of any
     width, key_mask (B, N) bool (True = attend) and bias (B, h, T, N); returns (B, h, T, e), and the
     (B, h, T, N) weights with `return_weights`. Dropout (`dropout_p`) drops weights after the softmax.
+    `sink` (B, h, T): the logit of a null key with a zero value (`sink_softmax`).
     `unused`: the attention call's other keywords (causal, layout), which this cross-attention has not."""
     logits = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, h, T, N)
     if bias is not None:
         logits = logits + bias
-    weights = masked_softmax(logits, visibility(key_mask, False, q.shape[2], k.shape[2], q.device))
+    weights = sink_softmax(logits, visibility(key_mask, False, q.shape[2], k.shape[2], q.device), sink)
     attend = F.dropout(weights, dropout_p) if dropout_p else weights
     out = attend @ v  # (B, h, T, e)
     return (out, weights) if return_weights else out
@@ -66,7 +86,7 @@ class AnchoredCrossAttention(nn.Module):
     and a read of the attended position; same call as `mmqa.models.layers.Attention`."""
 
     def __init__(self, dim: int, heads: int, radius: float, anchored_heads: int | None = None, dropout: float = 0.0,
-                 qk_norm: bool = False):
+                 qk_norm: bool = False, sink: bool = False):
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim {dim} is not divisible by heads {heads}")
@@ -82,8 +102,9 @@ class AnchoredCrossAttention(nn.Module):
         self.anchor = nn.Linear(dim, 2 * heads)  # c_t per head, through tanh into [-1, 1]^2
         self.gate = nn.Linear(dim, OFFSET_FEATURES * anchored_heads)  # g_t of each biased head (the first ones)
         self.read = nn.Linear(4 * heads, dim)  # (r_t, r_t - c_t) of every head -> the token
+        self.sink = nn.Linear(dim, heads) if sink else None  # s_t per head: the null key's logit
         self.attend = biased_attention  # an attribute, as in `layers.Attention`: the inspect capture wraps it
-        for layer in (self.gate, self.read):  # at step 0: plain cross-attention
+        for layer in (self.gate, self.read) + ((self.sink,) if sink else ()):  # at step 0: plain cross-attention (but the sink's share)
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
@@ -115,13 +136,15 @@ class AnchoredCrossAttention(nn.Module):
         visible = None if context_mask.all() else context_mask
         # each head reads [content, position, 1]: (B, h, N, d + 3)
         values = torch.cat([v, p.expand(B, h, N, 2), v.new_ones(B, h, N, 1)], dim=-1)
+        sink = None if self.sink is None else self.sink(x).transpose(1, 2)  # (B, h, T)
         weights = None
         if need_weights:
-            out, weights = biased_attention(q, k, values, visible, bias=bias, return_weights=True)
+            out, weights = biased_attention(q, k, values, visible, bias=bias, return_weights=True, sink=sink)
         else:
             drop = self.dropout if self.training else 0.0
-            out = self.attend(q, k, values, key_mask=visible, bias=bias, dropout_p=drop)  # (B, h, T, d + 3)
-        y, looked, mass = out.split([d, 2, 1], dim=-1)  # looked: where each head read, r_t; mass: 1 (0 if masked)
+            out = self.attend(q, k, values, key_mask=visible, bias=bias, dropout_p=drop, sink=sink)  # (B, h, T, d + 3)
+        # looked: where each head read, r_t (its weighted sum); mass: 1, or what the sink left (0 if masked)
+        y, looked, mass = out.split([d, 2, 1], dim=-1)
         where = torch.cat([looked, looked - anchor * mass], dim=-1).transpose(1, 2).reshape(B, T, 4 * h)  # (B, T, 4h)
         return self.out(y.transpose(1, 2).reshape(B, T, h * d)) + self.read(where), weights
 
@@ -152,8 +175,9 @@ class AnchoredCrossAttention(nn.Module):
 class AnchoredFusion(CrossFusion):
     def __init__(self, dim: int, depth: int, heads: int, mlp_ratio: float, dropout: float, bidirectional: bool,
                  anchor_radius: float, anchored_heads: int, attention: Callable | None = None, qk_norm: bool = False,
-                 pool_queries: int = 0):
+                 pool_queries: int = 0, sink: bool = False):
         super().__init__(dim, depth, heads, mlp_ratio, dropout, bidirectional, attention=attention, qk_norm=qk_norm,
                          pool_queries=pool_queries)
         for block in self.text_blocks:  # the question's cross-attentions; image blocks (bidirectional) keep theirs
-            block.cross_attn = AnchoredCrossAttention(dim, heads, anchor_radius, anchored_heads, dropout, qk_norm)
+            block.cross_attn = AnchoredCrossAttention(dim, heads, anchor_radius, anchored_heads, dropout, qk_norm,
+                                                     sink)
