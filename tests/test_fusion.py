@@ -349,7 +349,7 @@ def test_the_inspect_capture_sees_the_anchored_cross_attention_with_its_bias(sin
         out[:, 1] = 0
         y, looked, m = out.split([D // 4, 2, 1], -1)
         anchor = torch.tanh(attn.anchor(x)).view(2, 3, 4, 2).transpose(1, 2)
-        where = torch.cat([looked, looked - anchor * m], -1).transpose(1, 2).reshape(2, 3, 16)
+        where = torch.cat([looked, looked - anchor * m] + ([m] if sink else []), -1).transpose(1, 2).reshape(2, 3, -1)
         expected = attn.out(y.transpose(1, 2).reshape(2, 3, D)) + attn.read(where)
     torch.testing.assert_close(masked, expected, atol=1e-5, rtol=0)
     assert not torch.allclose(masked, plain, atol=1e-3)

@@ -85,10 +85,10 @@ def keep_heads(model: nn.Module, path: str, keep: list[int]) -> None:
     one, two, three = _features(keep, h, d), _features(keep, h, d, 2), _features(keep, h, d, 3)
     if isinstance(m, (Attention, AnchoredCrossAttention)):
         m.q, m.kv, m.out = _out_features(m.q, one), _out_features(m.kv, two), _in_features(m.out, one)
-        if isinstance(m, AnchoredCrossAttention):  # per head: an anchor (2), a position read (4), a gate if biased
+        if isinstance(m, AnchoredCrossAttention):  # per head: an anchor (2), its reads (4, 5 with a sink), a gate if biased
             biased = [i for i in keep if i < m.anchored]  # the biased heads stay first: keep is sorted
             m.anchor = _out_features(m.anchor, _features(keep, h, 2))
-            m.read = _in_features(m.read, _features(keep, h, 4))
+            m.read = _in_features(m.read, _features(keep, h, m.reads))
             m.gate = _out_features(m.gate, _features(biased, m.anchored, OFFSET_FEATURES))
             if m.sink is not None:
                 m.sink = _out_features(m.sink, _features(keep, h, 1))

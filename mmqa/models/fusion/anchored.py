@@ -27,7 +27,8 @@ exp(l_j) / (exp(s_t) + sum_k exp(l_k)) and sum to less than one, so the mass a h
 patches (the `1` channel it reads back) says how much of the image matched what it looked for, near
 the anchor or on one side of it (is the red circle left of the square? how many objects are above
 it?), where a plain softmax spends a mass of one whatever matched. With its map at zero at step 0,
-the sink holds 1 / (N + 1) of the mass when the logits are level.
+the sink holds 1 / (N + 1) of the mass when the logits are level. The mass joins r_t and r_t - c_t
+in what each head reads back into the token.
 
 The biased cross-attention runs through `biased_attention` below (softmax of QK^T/sqrt(d) + bias,
 materialised: N is the patch count, 64 at the default size), held as the module's `attend` like
@@ -101,7 +102,8 @@ class AnchoredCrossAttention(nn.Module):
         self.k_norm = nn.LayerNorm(dim // heads) if qk_norm else nn.Identity()
         self.anchor = nn.Linear(dim, 2 * heads)  # c_t per head, through tanh into [-1, 1]^2
         self.gate = nn.Linear(dim, OFFSET_FEATURES * anchored_heads)  # g_t of each biased head (the first ones)
-        self.read = nn.Linear(4 * heads, dim)  # (r_t, r_t - c_t) of every head -> the token
+        self.reads = 5 if sink else 4  # per head: r_t, r_t - c_t and, with a sink, the mass on the patches
+        self.read = nn.Linear(self.reads * heads, dim)  # every head's reads -> the token
         self.sink = nn.Linear(dim, heads) if sink else None  # s_t per head: the null key's logit
         self.attend = biased_attention  # an attribute, as in `layers.Attention`: the inspect capture wraps it
         for layer in (self.gate, self.read) + ((self.sink,) if sink else ()):  # at step 0: plain cross-attention (but the sink's share)
@@ -145,7 +147,8 @@ class AnchoredCrossAttention(nn.Module):
             out = self.attend(q, k, values, key_mask=visible, bias=bias, dropout_p=drop, sink=sink)  # (B, h, T, d + 3)
         # looked: where each head read, r_t (its weighted sum); mass: 1, or what the sink left (0 if masked)
         y, looked, mass = out.split([d, 2, 1], dim=-1)
-        where = torch.cat([looked, looked - anchor * mass], dim=-1).transpose(1, 2).reshape(B, T, 4 * h)  # (B, T, 4h)
+        where = [looked, looked - anchor * mass] + ([mass] if self.sink is not None else [])
+        where = torch.cat(where, dim=-1).transpose(1, 2).reshape(B, T, self.reads * h)  # (B, T, 4h or 5h)
         return self.out(y.transpose(1, 2).reshape(B, T, h * d)) + self.read(where), weights
 
     def offset_bias(
