@@ -79,7 +79,7 @@ def build_lit_module(cfg: DictConfig, model: MMQAModel, dm: MMQADataModule, spli
         concepts=dm.concepts,
         distiller=distiller,
         lr_scale=cfg.get("lr_scale"),
-        family_weight=cfg.get("vqa_family_weight") if train else None,
+        family_weight=dm.vqa_family_weight if train else None,
     )
 
 

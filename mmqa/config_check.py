@@ -100,7 +100,6 @@ class TrainConfig:
     recipe: Recipe = field(default_factory=Recipe)
     loss: Loss = field(default_factory=Loss)
     distill: Distill = field(default_factory=Distill)
-    vqa_family_weight: dict[str, float] = MISSING
     compile: bool = MISSING
     freeze: list[str] = MISSING
     text_cache: int = MISSING
@@ -290,8 +289,9 @@ def _check_combinations(cfg: DictConfig, problems: list[str]) -> None:
              f"model.image_encoder.mean and .std need 3 values (R, G, B), std > 0; got {list(enc.mean)} and {list(enc.std)}")
     need(cfg.get("text_cache", 0) >= 0, f"text_cache must be >= 0 (0: no cache), got {cfg.get('text_cache')}")
     need(cfg.get("text_cache_fill", 0) >= 0, f"text_cache_fill must be >= 0 (0: no fill before training), got {cfg.get('text_cache_fill')}")
-    for family, weight in (cfg.get("vqa_family_weight") or {}).items():
-        need(weight >= 0, f"vqa_family_weight.{family} must be >= 0, got {weight}")
+    for family, weight in (d.get("vqa_family_weight") or {}).items():
+        need(isinstance(weight, (int, float)) and weight >= 0,
+             f"data.vqa_family_weight.{family} must be a number >= 0, got {weight!r}")
     for tower, scale in (cfg.get("lr_scale") or {}).items():
         need(scale > 0, f"lr_scale.{tower} must be > 0 (freeze=[{tower}] keeps a tower as loaded), got {scale}")
     lora = cfg.get("lora")

@@ -115,7 +115,7 @@ class LitMMQA(L.LightningModule):
         self.family_weight = {f: float(w) for f, w in (family_weight or {}).items()}
         unknown = sorted(set(self.family_weight) - set(families))
         if unknown:
-            raise MMQAError(f"vqa_family_weight: {unknown} is not a question family of this data; "
+            raise MMQAError(f"data.vqa_family_weight: {unknown} is not a question family of this data; "
                             f"its families: {', '.join(families) or 'none'}")
         self.generation = dict(generation)
         self.max_caption_eval_images = max_caption_eval_images

@@ -112,7 +112,7 @@ def test_vqa_loss_is_soft_score_bce(tiny_parts):
 
 
 def test_family_weights_scale_each_questions_vqa_loss(tiny_parts):
-    cfg, dm, model, lit, batch = tiny_parts("+vqa_family_weight.spatial=3.0", "+vqa_family_weight.counting=0.0")
+    cfg, dm, model, lit, batch = tiny_parts("+data.vqa_family_weight.spatial=3.0", "+data.vqa_family_weight.counting=0.0")
     assert {"spatial", "counting"} <= set(batch.q_families) and len(set(batch.q_families)) > 2
     losses, out = lit.compute_losses(batch)
     per_row = torch.nn.functional.binary_cross_entropy_with_logits(out["vqa_logits"], batch.vqa_targets,
@@ -120,9 +120,9 @@ def test_family_weights_scale_each_questions_vqa_loss(tiny_parts):
     factor = torch.tensor([{"spatial": 3.0, "counting": 0.0}.get(f, 1.0) for f in batch.q_families])
     assert torch.allclose(losses["vqa"], (per_row * factor).sum() / len(per_row))
     assert not torch.allclose(losses["vqa"], per_row.mean())
-    with pytest.raises(Exception, match=r"vqa_family_weight: \['spatail'\] is not a question family of this data; "
+    with pytest.raises(Exception, match=r"data.vqa_family_weight: \['spatail'\] is not a question family of this data; "
                                         r"its families: attribute, comparison, counting, existence, spatial"):
-        tiny_parts("+vqa_family_weight.spatail=2.0")
+        tiny_parts("+data.vqa_family_weight.spatail=2.0")
 
 
 def test_a_nan_loss_stops_training_and_names_the_term(tiny_parts, monkeypatch):

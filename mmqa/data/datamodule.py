@@ -114,11 +114,14 @@ class MMQADataModule(L.LightningDataModule):
         on_bad_sample: str,
         root: str | None = None,
         question_noise: QuestionNoise | None = None,
+        vqa_family_weight: dict[str, float] | None = None,
     ):
         """`root` is the dataset directory for configs whose reader reads one (`data.root=...`); the
         reader's own config refers to it, the data module only records it. `on_bad_sample`: 'raise'
         stops at the first bad sample, 'skip' drops bad samples and lists them in `self.skip_log`.
-        `question_noise`: made-up words in training questions (`mmqa.data.augment`)."""
+        `question_noise`: made-up words in training questions (`mmqa.data.augment`).
+        `vqa_family_weight`: question family -> factor on its questions' VQA loss in training (the
+        others keep 1); a dataset's own, as its families are (`LitMMQA` applies and checks them)."""
         super().__init__()
         self.root = root
         self.reader = reader
@@ -133,6 +136,7 @@ class MMQADataModule(L.LightningDataModule):
         self.answer_top_k = answer_top_k
         self.ingredient_top_k = ingredient_top_k
         self.concept_top_k = concept_top_k
+        self.vqa_family_weight = {f: float(w) for f, w in (vqa_family_weight or {}).items()}
         self.question_noise = question_noise if question_noise is not None and question_noise.active else None
         self.collate_args = dict(
             max_question_length=max_question_length,
