@@ -136,7 +136,7 @@ class MMQADataModule(L.LightningDataModule):
         self.answer_top_k = answer_top_k
         self.ingredient_top_k = ingredient_top_k
         self.concept_top_k = concept_top_k
-        self.vqa_family_weight = {f: float(w) for f, w in (vqa_family_weight or {}).items()}
+        self.vqa_family_weight = dict(vqa_family_weight or {})  # carried to the LightningModule, which applies it
         self.question_noise = question_noise if question_noise is not None and question_noise.active else None
         self.collate_args = dict(
             max_question_length=max_question_length,
