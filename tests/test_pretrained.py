@@ -32,6 +32,26 @@ def test_text_encoder_loads_a_saved_model_by_path(tmp_path):
     assert torch.allclose(enc(ids, mask).tokens, ref(input_ids=ids, attention_mask=mask).last_hidden_state, atol=1e-6)
 
 
+def test_token_layer_gives_an_earlier_layers_tokens_and_keeps_the_last_layers_pool(tmp_path):
+    """`token_layer=k`: the tokens are hidden state k (0: the embeddings); pooled stays the last layer's
+    mean, so retrieval does not change; a layer the encoder has not is refused, naming the key."""
+    torch.manual_seed(0)
+    ref = BertModel(BertConfig(vocab_size=50, hidden_size=24, num_hidden_layers=2, num_attention_heads=2,
+                               intermediate_size=48), add_pooling_layer=False).eval()
+    ref.save_pretrained(tmp_path / "bert")
+    ids, mask = torch.tensor([[2, 7, 9, 3], [2, 5, 3, 0]]), torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    states = ref(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states  # 3 x (2, 4, 24)
+    last = HFTextEncoder(pretrained=str(tmp_path / "bert")).eval()(ids, mask)
+    for k in (0, 1):
+        out = HFTextEncoder(pretrained=str(tmp_path / "bert"), token_layer=k).eval()(ids, mask)
+        torch.testing.assert_close(out.tokens, states[k], atol=1e-6, rtol=0)
+        assert not torch.allclose(out.tokens, last.tokens, atol=1e-3)
+        torch.testing.assert_close(out.pooled, last.pooled, atol=1e-6, rtol=0)
+    torch.testing.assert_close(last.pooled[1], states[2][1, :3].mean(0), atol=1e-6, rtol=0)  # padding left out
+    with pytest.raises(ConfigError, match=r"model.text_encoder.token_layer must be between 0 .* and 2 .*got 3"):
+        HFTextEncoder(pretrained=str(tmp_path / "bert"), token_layer=3)
+
+
 def test_decoder_loads_saved_gpt2_weights_and_adds_cross_attention(tmp_path):
     torch.manual_seed(0)
     ref = GPT2LMHeadModel(GPT2Config(vocab_size=60, n_positions=32, n_embd=24, n_layer=1, n_head=2))

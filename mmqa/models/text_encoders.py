@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, BertConfig
 
+from mmqa.errors import ConfigError
 from mmqa.models.layers import masked_mean
 from mmqa.models.outputs import EncoderOutput
 from mmqa.models.pretrained import load_pretrained
@@ -29,10 +30,15 @@ class HFTextEncoder(nn.Module):
         dropout: float | None = None,
         pretrained: str | None = None,
         trainable: bool = True,
+        token_layer: int | None = None,
     ):
         """With `pretrained` (a path, `pkg:NAME` or a hub name) the sizes come from the checkpoint and the
         numbers here are ignored; without it they define the BERT that is built. `trainable=False`
-        keeps the weights as loaded (a frozen tower, whose outputs a training run caches)."""
+        keeps the weights as loaded (a frozen tower, whose outputs a training run caches).
+        `token_layer`: the hidden state whose tokens the output carries (0: the embeddings, k: layer k's
+        output; None: the last). An early layer's tokens still say mostly their own word and phrase
+        ("blue square"), where the last layer's have mixed in the whole sentence (docs/relational.md).
+        The pooled vector (retrieval, the contrastive loss) is always the last layer's mean."""
         super().__init__()
         if pretrained:
             self.model = load_pretrained(
@@ -51,12 +57,20 @@ class HFTextEncoder(nn.Module):
             )
             self.model = AutoModel.from_config(config, attn_implementation="sdpa", add_pooling_layer=False)
         self.out_dim = self.model.config.hidden_size
+        layers = self.model.config.num_hidden_layers
+        if token_layer is not None and not 0 <= token_layer <= layers:
+            raise ConfigError(f"model.text_encoder.token_layer must be between 0 (the embeddings) and {layers} "
+                              f"(this encoder's layers), or null for the last; got {token_layer}")
+        self.token_layer = token_layer
         self.requires_grad_(trainable)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> EncoderOutput:  # (B, T) each
-        tokens = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, D)
+        hidden = self.token_layer is not None
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=hidden)
         mask = attention_mask.bool()
-        return EncoderOutput(tokens=tokens, mask=mask, pooled=masked_mean(tokens, mask))
+        last = out.last_hidden_state  # (B, T, D)
+        tokens = out.hidden_states[self.token_layer] if hidden else last  # (B, T, D)
+        return EncoderOutput(tokens=tokens, mask=mask, pooled=masked_mean(last, mask))
 
 
 class OpenClipTextEncoder(nn.Module):
