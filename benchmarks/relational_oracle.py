@@ -13,8 +13,9 @@ object tokens (a learned embedding of the shape, colour and size of whatever obj
 patch, background elsewhere) with the model's fixed 2D sin-cos grid positions added, exactly as
 `MMQAModel.encode_images` adds them. A one-layer transformer reads the question's words (`--text
 minilm`: the frozen all-MiniLM-L6-v2 of the default model instead, its tokens from hidden state
-`--token-layer` (several: concatenated), through a linear map to the fusion's width), the fusion variant under test (its
-YAML in conf/model/fusion/, at the default width) fuses the two, and a linear head answers.
+`--token-layer` (several: concatenated), through a linear map to the fusion's width), the fusion
+variant under test (its YAML in conf/model/fusion/, at the default width) fuses the two, and a
+linear head answers.
 `--families` trains and tests on those question families alone. Prints validation and test accuracy
 per question family (`--templates`: per template too) for each variant; seconds per epoch say the cost.
 """
