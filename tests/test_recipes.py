@@ -1,5 +1,6 @@
 """The recipe task, model side: ingredient metrics against hand-computed values, recipe batches (the
-prompt is read but not learnt), batched generation with left-padded prompts, and
+prompt is read but not learnt), batched generation with left-padded prompts and a
+batch whose captions end at different steps (no false padding warning), and
 `train.py experiment=recipes` end to end (ingredient metrics written, bundle writes a recipe)."""
 
 from __future__ import annotations
@@ -94,6 +95,40 @@ def test_left_padded_batch_generation_matches_one_at_a_time(dish_parts):
     for i, s in enumerate(sets):
         one = type(img)(tokens=img.tokens[i : i + 1], mask=img.mask[i : i + 1], pooled=img.pooled[i : i + 1])
         assert write_recipes(model, tok, one, [s], max_new_tokens=8, do_sample=False) == [together[i]]
+
+
+def test_a_caption_ending_before_the_others_raises_no_padding_warning():
+    """transformers' `generate` drops an all-ones mask, then GPT-2 warns about the pad tokens it feeds a
+    finished row; the decoder filters that one message (mmqa/models/decoder.py)."""
+    import logging
+
+    from mmqa.models.decoder import PAD_WARNING, GPT2Decoder, _drop_generate_pad_warning
+
+    dec = GPT2Decoder(vocab_size=20, context_dim=16, width=32, depth=1, heads=2, max_length=40, dropout=0.0,
+                      bos_token_id=2, eos_token_id=1, pad_token_id=0).eval()
+    log = logging.getLogger("transformers.modeling_utils")
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    log.addHandler(handler)
+
+    def run():
+        logging.Logger.warning_once.cache_clear()  # transformers warns once a process: start afresh
+        seen.clear()
+        torch.manual_seed(3)
+        return dec.generate(torch.randn(6, 5, 16), torch.full((6, 1), 2), max_new_tokens=24, do_sample=True)
+
+    try:
+        out = run()  # (6, 25)
+        ended_early = (out[:, -1] == 0).any() and (out[:, -1] != 0).any()
+        assert ended_early, "the check needs one row padded after its end and one still writing"
+        assert not any(PAD_WARNING in m for m in seen)
+        log.removeFilter(_drop_generate_pad_warning)  # without the filter, the same call warns
+        run()
+        assert any(PAD_WARNING in m for m in seen)
+    finally:
+        log.addFilter(_drop_generate_pad_warning)
+        log.removeHandler(handler)
 
 
 def test_absent_ingredients_cannot_be_written_in_any_spelling():

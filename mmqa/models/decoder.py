@@ -6,15 +6,32 @@ generation goes through transformers' `generate` (greedy, beam search, sampling,
 the KV cache, and transformers then compiles the decoding step with `torch.compile` — on CUDA only,
 by its own rule; here on every device, as each step's Python overhead is most of a small decoder's
 time on a CPU (`disable_compile=True` keeps the static cache uncompiled). Compiling takes seconds on
-the first call for each batch size and length; later calls reuse it."""
+the first call for each batch size and length; later calls reuse it.
+
+`generate` drops an all-ones attention mask (no padding) and, once one caption of a batch has ended,
+feeds that row pad tokens without a mask; GPT-2 then warns "We strongly recommend passing in an
+`attention_mask`". The rows it warns about are finished and their outputs discarded, so this module
+filters that one message out of transformers' log (`_drop_generate_pad_warning`)."""
 
 from __future__ import annotations
+
+import logging
 
 import torch
 from torch import nn
 from transformers import CompileConfig, GPT2Config, GPT2LMHeadModel
 
 from mmqa.models.pretrained import load_pretrained
+
+PAD_WARNING = "We strongly recommend passing in an `attention_mask`"
+
+
+def _drop_generate_pad_warning(record: logging.LogRecord) -> bool:
+    """A logging filter: False for GPT-2's padding warning (see the module docstring), True otherwise."""
+    return PAD_WARNING not in record.getMessage()
+
+
+logging.getLogger("transformers.modeling_utils").addFilter(_drop_generate_pad_warning)
 
 
 class GPT2Decoder(nn.Module):
