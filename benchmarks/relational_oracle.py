@@ -17,7 +17,8 @@ minilm`: the frozen all-MiniLM-L6-v2 of the default model instead, its tokens fr
 variant under test (its YAML in conf/model/fusion/, at the default width) fuses the two, and a
 linear head answers.
 `--families` trains and tests on those question families alone. Prints validation and test accuracy
-per question family (`--templates`: per template too) for each variant; seconds per epoch say the cost.
+per question family (`--templates`: per template too) for each variant, on the test split and, where the
+world has one, its reworded `test_paraphrase` split; seconds per epoch say the cost.
 """
 
 from __future__ import annotations
@@ -75,7 +76,9 @@ def load(root: Path, families: list[str] | None) -> tuple[dict, dict, list[str]]
     scenes = [json.loads(line) for line in (root / "scenes.jsonl").read_text().splitlines()]
     grids = {scene["image"]: object_grid(scene["objects"], size) for scene in scenes}
     splits = {}
-    for split in ("train", "val", "test"):
+    for split in ("train", "val", "test", "test_paraphrase"):
+        if not (root / f"{split}.jsonl").exists():  # test_paraphrase: the default world's reworded test questions
+            continue
         rows = [json.loads(line) for line in (root / f"{split}.jsonl").read_text().splitlines()]
         rows = [r for r in rows if "question" in r and (families is None or r["question_type"] in families)]
         images = sorted({r["image"] for r in rows})
@@ -206,9 +209,8 @@ def run(name: str, splits: dict, vocab: dict, answer_list: list[str], args: argp
             sched.step()
         val = evaluate(model, splits["val"], answers, False)
         print(f"{name} epoch {epoch + 1}: val {val['all']:.3f}", flush=True)
-    return dict(val=evaluate(model, splits["val"], answers, args.templates),
-                test=evaluate(model, splits["test"], answers, args.templates),
-                epoch_s=(time.perf_counter() - start) / args.epochs)
+    scores = {split: evaluate(model, splits[split], answers, args.templates) for split in splits if split != "train"}
+    return dict(scores, epoch_s=(time.perf_counter() - start) / args.epochs)
 
 
 def main() -> None:
@@ -230,11 +232,12 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     splits, vocab, answers = load(dataset_dir(args.data), args.families)
     results = {name: run(name, splits, vocab, answers, args) for name in args.fusions}
-    keys = sorted(k for k in next(iter(results.values()))["test"] if k != "all")
+    shown = [split for split in splits if split != "train"]
+    keys = sorted({k for r in results.values() for split in shown for k in r[split] if k != "all"})
     print(f"\n| fusion | split | all | {' | '.join(keys)} | s / epoch |")
     print("| --- | --- | --- | " + " | ".join("---" for _ in keys) + " | --- |")
     for name, r in results.items():
-        for split in ("val", "test"):
+        for split in shown:
             cells = " | ".join(f"{r[split].get(k, float('nan')):.3f}" for k in keys)
             print(f"| {name} | {split} | {r[split]['all']:.3f} | {cells} | {r['epoch_s']:.0f} |")
 
