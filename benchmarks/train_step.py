@@ -1,9 +1,9 @@
 """Training-step speed of the default model per fusion variant on this machine's CPU (or GPU).
 
-    python benchmarks/train_step.py [--steps 10] [--fusions cross early late] [override ...]
+    python benchmarks/train_step.py [--steps 10] [override ...] [--fusions cross early late]
     python benchmarks/train_step.py --profile [--steps 10] [--fusions cross]   # where a step's time goes
 
-Builds the default config (any Hydra override may follow), takes real batches of the built-in
+Builds the default config (Hydra overrides go before `--fusions`, which takes every word after it), takes real batches of the built-in
 dataset, and times forward + backward + optimizer step over them after one untimed pass over the same
 batches; prints a Markdown table. With `--profile`,
 `torch.profiler` records the steps with the loading of each batch, and prints the share of wall
@@ -25,6 +25,7 @@ from hydra.utils import instantiate
 from mmqa.build import build_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
+FUSIONS = sorted(p.stem for p in (ROOT / "conf" / "model" / "fusion").glob("*.yaml"))
 
 
 def bench(fusion: str, steps: int, overrides: list[str], profiled: bool = False) -> dict:
@@ -84,7 +85,8 @@ def print_profile(prof, top: int = 15) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--fusions", nargs="+", default=["cross", "early", "late"])
+    ap.add_argument("--fusions", nargs="+", default=["cross", "early", "late"], choices=FUSIONS,
+                    help="fusion variants (last on the line: it takes every word after it)")
     ap.add_argument("--profile", action="store_true", help="torch.profiler: phases and top operators")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
