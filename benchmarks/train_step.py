@@ -3,8 +3,8 @@
     python benchmarks/train_step.py [--steps 10] [override ...] [--fusions cross early late]
     python benchmarks/train_step.py --profile [--steps 10] [--fusions cross]   # where a step's time goes
 
-Builds the default config (Hydra overrides go before `--fusions`, which takes every word after it), takes real batches of the built-in
-dataset, and times forward + backward + optimizer step over them after one untimed pass over the same
+Builds the default config (Hydra overrides go before `--fusions`, which takes every word after it),
+takes real batches of the built-in dataset, and times forward + backward + optimizer step over them after one untimed pass over the same
 batches; prints a Markdown table. With `--profile`,
 `torch.profiler` records the steps with the loading of each batch, and prints the share of wall
 time in each phase (loading, losses, backward, optimiser) and the top operators by own CPU time.

@@ -10,11 +10,13 @@ the first call for each batch size and length; later calls reuse it.
 
 `generate` drops an all-ones attention mask (no padding) and, once one caption of a batch has ended,
 feeds that row pad tokens without a mask; GPT-2 then warns "We strongly recommend passing in an
-`attention_mask`". The rows it warns about are finished and their outputs discarded, so this module
-filters that one message out of transformers' log (`_drop_generate_pad_warning`)."""
+`attention_mask`". The rows it warns about are finished and their outputs discarded, so while
+`generate` runs this module filters that one message out of transformers' log (`_quiet_pad_warning`);
+anything else in the process keeps the warning."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -31,7 +33,15 @@ def _drop_generate_pad_warning(record: logging.LogRecord) -> bool:
     return PAD_WARNING not in record.getMessage()
 
 
-logging.getLogger("transformers.modeling_utils").addFilter(_drop_generate_pad_warning)
+@contextlib.contextmanager
+def _quiet_pad_warning():
+    """transformers' log without GPT-2's padding warning for the duration of the block."""
+    log, drop = logging.getLogger("transformers.modeling_utils"), _drop_generate_pad_warning
+    log.addFilter(drop)
+    try:
+        yield
+    finally:
+        log.removeFilter(drop)
 
 
 class GPT2Decoder(nn.Module):
@@ -105,14 +115,15 @@ class GPT2Decoder(nn.Module):
         """context (B, N, Dc), prompt_ids (B, P), left-padded where the mask (B, P) is 0 -> ids (B, P + new)."""
         if generate_kwargs.get("cache_implementation") == "static" and "compile_config" not in generate_kwargs:
             generate_kwargs["compile_config"] = compile_everywhere(self.gpt2.device.type)
-        return self.gpt2.generate(
-            input_ids=prompt_ids,
-            attention_mask=torch.ones_like(prompt_ids) if attention_mask is None else attention_mask,
-            encoder_hidden_states=self.context_proj(context),
-            pad_token_id=self.gpt2.config.pad_token_id,
-            eos_token_id=self.gpt2.config.eos_token_id,
-            **generate_kwargs,
-        )
+        with _quiet_pad_warning():
+            return self.gpt2.generate(
+                input_ids=prompt_ids,
+                attention_mask=torch.ones_like(prompt_ids) if attention_mask is None else attention_mask,
+                encoder_hidden_states=self.context_proj(context),
+                pad_token_id=self.gpt2.config.pad_token_id,
+                eos_token_id=self.gpt2.config.eos_token_id,
+                **generate_kwargs,
+            )
 
 
 def compile_everywhere(device: str) -> CompileConfig:
