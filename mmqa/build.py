@@ -110,7 +110,7 @@ def build_experiment(cfg: DictConfig, assets: tuple | None = None) -> tuple[MMQA
     distiller = None
     if teacher is not None:
         d = cfg.distill
-        distiller = Distiller(teacher.model, d.temperature, d.vqa, d.caption, d.vqa_form)
+        distiller = Distiller(teacher.model, d.temperature, d.vqa, d.caption, d.vqa_form, cfg.text_cache)
     return dm, build_lit_module(cfg, model, dm, distiller=distiller)
 
 

@@ -84,12 +84,13 @@ def report_skipped(dm: MMQADataModule, out: Path) -> None:
         log.warning(f"data.on_bad_sample=skip: {skip_log.summary()}; each is listed in {out / SKIPPED}")
 
 
-def fill_text_cache(model, dm: MMQADataModule, rows_per_pass: int) -> None:
+def fill_text_cache(model, dm: MMQADataModule, rows_per_pass: int, captions: bool = True) -> None:
     """Encode every distinct question and caption that fitting reads (train and val) through the frozen
-    text encoder before the first step, in long batches of like lengths (`text_cache_fill`)."""
+    text encoder before the first step, in long batches of like lengths (`text_cache_fill`).
+    `captions=False`: the questions only (a distillation teacher reads no caption through it)."""
     start, n = time.perf_counter(), 0
     for split in ("train", "val"):
-        for ids, mask in dm.distinct_texts(split):  # an empty split gives no rows
+        for ids, mask in dm.distinct_texts(split)[: None if captions else 1]:  # an empty split gives no rows
             n += model.text_cache.fill(model.text_encoder, ids, mask, rows_per_pass)
     log.info(f"text cache: {n} distinct texts encoded in {time.perf_counter() - start:.0f} s")
 
@@ -112,8 +113,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     dm, lit = build_experiment(cfg, assets)
     if cfg.compile:
         lit.model.compile_towers()
-    if lit.model.text_cache is not None and cfg.text_cache_fill > 0:
-        fill_text_cache(lit.model, dm, cfg.text_cache_fill)
+    teacher = lit.distiller.teacher if lit.distiller is not None else None
+    for model in (lit.model, teacher):
+        if model is not None and model.text_cache is not None and cfg.text_cache_fill > 0:
+            fill_text_cache(model, dm, cfg.text_cache_fill, captions=model is lit.model)
     if rank_zero_only.rank == 0:
         (out / RUN_KEY).write_text(run_key(cfg))
         write_assets(out / "bundle", cfg, *dm.tokenizers, dm.answers, dm.ingredients)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 
 import pytest
 import torch
@@ -281,19 +282,50 @@ def test_ffn_neurons_are_ranked_by_their_weights():
 
 @pytest.fixture(scope="module")
 def pruned_bundle(data_dir, tmp_path_factory, int8_bundle):
-    """(fp32 bundle folder, pruned bundle folder) through the compress tool (in-process; the int8 fixture
-    runs it as a command)."""
-    from mmqa.cli.compress import compress_bundle
+    """(fp32 bundle folder, pruned bundle folder, what the fine-tune's text cache saw) through the
+    compress tool (in-process; the int8 fixture runs it as a command). The source is the session
+    bundle with its text tower frozen, as the pretrained default's is: pruned like the others, then
+    fine-tuned around, read through the text cache."""
+    import mmqa.cli.compress as cli
 
-    src, _ = int8_bundle
     tmp = tmp_path_factory.mktemp("pruned")
-    cfg = compress_cfg(data_dir, tmp, f"bundle={src}", "method=prune", "prune.heads=0.5", "prune.ffn=0.5",
-                       "finetune.epochs=1", "prune.n=16", f"out={tmp / 'bundle-prune'}")
-    return src, compress_bundle(cfg)
+    src = tmp / "frozen-text"
+    shutil.copytree(int8_bundle[0], src)
+    cfg = OmegaConf.load(src / "config.yaml")
+    cfg.model.text_encoder.trainable = False
+    OmegaConf.save(cfg, src / "config.yaml")
+    seen = {}
+
+    def spy(model, dm, rows):
+        seen.update(model=model, cache=model.text_cache)
+        return cli.fill_text_cache.__wrapped__(model, dm, rows)
+
+    spy.__wrapped__ = cli.fill_text_cache
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cli, "fill_text_cache", spy)
+        cfg = compress_cfg(data_dir, tmp, f"bundle={src}", "method=prune", "prune.heads=0.5", "prune.ffn=0.5",
+                           "finetune.epochs=1", "prune.n=16", f"out={tmp / 'bundle-prune'}")
+        return src, cli.compress_bundle(cfg), seen
+
+
+def test_a_frozen_text_tower_is_pruned_then_read_from_the_cache_while_the_rest_recovers(pruned_bundle):
+    src, out, seen = pruned_bundle
+    cache = seen["cache"]
+    assert len(cache.rows) > 0 and cache.hits > 0  # filled before the fine-tune, then read by it
+    assert seen["model"].text_cache is None  # training-time state, dropped when the fine-tune ends
+    before, after = Bundle.load(src).model, Bundle.load(out).model
+    heads = OmegaConf.load(out / "config.yaml").compression[0].sizes.heads
+    assert any(k.startswith("text_encoder.") and v < 2 for k, v in heads.items())  # the frozen tower lost heads
+    # its unpruned weights are as loaded (frozen); the fusion, which is not frozen, moved in the fine-tune
+    b, a = before.state_dict(), after.state_dict()
+    text = [k for k in a if k.startswith("text_encoder.") and a[k].shape == b[k].shape]  # embeddings, norms, ...
+    assert text and all(torch.equal(a[k], b[k]) for k in text)
+    head = [k for k in a if k.startswith("vqa_head.")]
+    assert head and not all(torch.equal(a[k], b[k]) for k in head)
 
 
 def test_a_pruned_bundle_records_its_sizes_and_loads_at_them(pruned_bundle, data_dir):
-    src, out = pruned_bundle
+    src, out, _ = pruned_bundle
     step = OmegaConf.load(out / "config.yaml").compression[0]
     assert step.method == "prune" and step.finetune_epochs == 1
     bundle = Bundle.load(out)
@@ -308,7 +340,7 @@ def test_a_pruned_bundle_records_its_sizes_and_loads_at_them(pruned_bundle, data
 def test_a_pruned_bundle_can_then_be_quantized_but_not_the_other_way(pruned_bundle, int8_bundle, data_dir, tmp_path):
     from mmqa.cli.compress import compress_bundle
 
-    src, pruned = pruned_bundle
+    src, pruned, _ = pruned_bundle
     both = compress_bundle(compress_cfg(data_dir, tmp_path, f"bundle={pruned}", "method=int8", f"out={tmp_path / 'both'}"))
     assert [s.method for s in OmegaConf.load(both / "config.yaml").compression] == ["prune", "int8"]
     bundle = Bundle.load(both)

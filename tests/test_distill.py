@@ -53,6 +53,16 @@ def test_the_binary_kl_term_equals_a_hand_computation_per_answer():
         Distiller(torch.nn.Linear(1, 1), 2.0, 1.0, 1.0, vqa_form="sigmoid")
 
 
+def perturbed(model):
+    """A copy of `model` with every weight moved a little: a teacher that differs from its student."""
+    other = copy.deepcopy(model)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return other
+
+
 def test_a_student_equal_to_its_teacher_learns_nothing_from_it_and_only_the_student_gets_gradients(tiny_parts):
     cfg, dm, model, lit, batch = tiny_parts()
     same = build_lit_module(cfg, model, dm, distiller=Distiller(copy.deepcopy(model), 2.0, 1.0, 1.0)).train()
@@ -62,11 +72,7 @@ def test_a_student_equal_to_its_teacher_learns_nothing_from_it_and_only_the_stud
     binary = build_lit_module(cfg, model, dm, distiller=Distiller(copy.deepcopy(model), 2.0, 1.0, 1.0, "binary"))
     assert binary.train().compute_losses(batch)[0]["distill_vqa"].item() == pytest.approx(0.0, abs=1e-6)
 
-    other = copy.deepcopy(model)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in other.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    other = perturbed(model)
     before = [p.detach().clone() for p in other.parameters()]
     student = build_lit_module(cfg, model, dm, distiller=Distiller(other, 2.0, 1.0, 1.0)).train()
     losses, _ = student.compute_losses(batch)
@@ -79,6 +85,22 @@ def test_a_student_equal_to_its_teacher_learns_nothing_from_it_and_only_the_stud
     assert student.loss_weights["distill_vqa"] == student.loss_weights["distill_caption"] == 1.0
     # without a teacher, no distillation terms
     assert not {"distill_vqa", "distill_caption"} & set(lit.train().compute_losses(batch)[0])
+
+
+def test_the_teacher_reads_its_questions_from_a_cache_and_its_terms_stay_the_same(tiny_parts):
+    cfg, dm, model, lit, batch = tiny_parts()
+    teacher = perturbed(model)
+    plain = Distiller(copy.deepcopy(teacher), 2.0, 1.0, 1.0)
+    cached = Distiller(copy.deepcopy(teacher), 2.0, 1.0, 1.0, text_cache=1000)
+    assert plain.teacher.text_cache is None  # 0 rows: no cache
+    terms = [build_lit_module(cfg, model, dm, distiller=d).train().compute_losses(batch)[0] for d in (plain, cached)]
+    for key in ("distill_vqa", "distill_caption"):
+        assert terms[1][key].item() == pytest.approx(terms[0][key].item(), rel=1e-5)
+    cache = cached.teacher.text_cache
+    n = batch.num_questions
+    assert (cache.hits, cache.misses) == (0, n) and len(cache.rows) > 0
+    build_lit_module(cfg, model, dm, distiller=cached).train().compute_losses(batch)
+    assert (cache.hits, cache.misses) == (n, n)  # the same questions again: none encoded
 
 
 def test_a_tiny_distillation_run_writes_an_ordinary_bundle_with_the_teachers_vocabularies(data_dir, tmp_path):

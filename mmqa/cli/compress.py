@@ -19,10 +19,12 @@ from mmqa.build import build_lit_module, data_for_bundle, first_batches
 from mmqa.bundle import WEIGHTS, Bundle
 from mmqa.compress import check_method, record, steps_of
 from mmqa.compress.int8 import quantize_int8
+from mmqa.compress.lora import cache_if_frozen
 from mmqa.compress.prune import prune, rank_heads, rank_neurons
 from mmqa.errors import ConfigError
 from mmqa.inspect.capture import attention_modules, attention_site, stack_of
 from mmqa.inspect.heads import importance
+from mmqa.train import fill_text_cache
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
@@ -51,8 +53,14 @@ def pruned(cfg: DictConfig, bundle: Bundle) -> dict:
             run_cfg.optim.lr = cfg.finetune.lr
         train_dm = data_for_bundle(cfg.data.copy(), bundle, "train")
         lit = build_lit_module(run_cfg, model, train_dm, split="val", train=True)
+        # a frozen tower (the pretrained MiniLM) is pruned but not retrained: encode each text once
+        if cache_if_frozen(model, run_cfg.get("text_cache", 0)) and run_cfg.get("text_cache_fill", 0) > 0:
+            fill_text_cache(model, train_dm, run_cfg.text_cache_fill)
         trainer = instantiate(cfg.trainer, max_epochs=cfg.finetune.epochs, logger=False, enable_checkpointing=False)
-        trainer.fit(lit, datamodule=train_dm)
+        try:
+            trainer.fit(lit, datamodule=train_dm)
+        finally:
+            model.text_cache = None  # training-time state: the pruned bundle encodes afresh
         model.eval()
     return {"heads": cfg.prune.heads, "ffn": cfg.prune.ffn, "finetune_epochs": cfg.finetune.epochs,
             "parameters_before": before, "parameters": parameters(model), "sizes": sizes}

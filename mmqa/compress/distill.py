@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from mmqa.compress.lora import cache_if_frozen
 from mmqa.data.batch import Batch
 from mmqa.models.mmqa_model import MMQAModel
 
@@ -42,13 +43,17 @@ class Distiller:
     student's (`distill_vqa` over the answer vocabulary, as one softmax or per answer, `distill_caption` over the decoder vocabulary
     at every caption position that has a label)."""
 
-    def __init__(self, teacher: MMQAModel, temperature: float, vqa: float, caption: float, vqa_form: str = "softmax"):
+    def __init__(self, teacher: MMQAModel, temperature: float, vqa: float, caption: float, vqa_form: str = "softmax",
+                 text_cache: int = 0):
+        """`text_cache`: distinct question rows whose teacher text encoding is kept (the whole teacher is
+        frozen, so its text tower's outputs never change; 0: encoded every step)."""
         if temperature <= 0:
             raise ValueError(f"distill.temperature={temperature}: must be > 0")
         if vqa_form not in VQA_FORMS:
             raise ValueError(f"distill.vqa_form={vqa_form!r}: not an option; valid: {', '.join(VQA_FORMS)}")
         self.vqa_kl = VQA_FORMS[vqa_form]
         self.teacher = teacher.eval().requires_grad_(False)
+        cache_if_frozen(self.teacher, text_cache)
         self.temperature = temperature
         self.weights = {"distill_vqa": float(vqa), "distill_caption": float(caption)}
 

@@ -35,6 +35,11 @@ FFN = (MLP, TimmMlp, BertLayer, GPT2MLP)
 
 
 # ----------------------------------------------------------------------------- smaller layers
+def _like(new: nn.Module, old: nn.Module) -> nn.Module:
+    """`new` on `old`'s device, trained or frozen as `old` was (a frozen tower stays frozen when pruned)."""
+    return new.to(old.weight.device).requires_grad_(old.weight.requires_grad)
+
+
 def _out_features(layer: nn.Module, idx: torch.Tensor) -> nn.Module:
     """A copy of a Linear / Conv1D keeping only output features `idx`."""
     if isinstance(layer, Conv1D):  # weight (in, out)
@@ -45,7 +50,7 @@ def _out_features(layer: nn.Module, idx: torch.Tensor) -> nn.Module:
         new.weight.data = layer.weight.data[idx].clone()
         if layer.bias is not None:
             new.bias.data = layer.bias.data[idx].clone()
-    return new.to(layer.weight.device)
+    return _like(new, layer)
 
 
 def _in_features(layer: nn.Module, idx: torch.Tensor) -> nn.Module:
@@ -58,7 +63,7 @@ def _in_features(layer: nn.Module, idx: torch.Tensor) -> nn.Module:
         new.weight.data = layer.weight.data[:, idx].clone()
         if layer.bias is not None:
             new.bias.data = layer.bias.data.clone()
-    return new.to(layer.weight.device)
+    return _like(new, layer)
 
 
 def _features(keep: list[int], heads: int, head_dim: int, groups: int = 1) -> torch.Tensor:
@@ -118,7 +123,7 @@ def keep_heads(model: nn.Module, path: str, keep: list[int]) -> None:
 def _layer_norm(norm: nn.LayerNorm, idx: torch.Tensor) -> nn.LayerNorm:
     new = nn.LayerNorm(len(idx), eps=norm.eps)
     new.weight.data, new.bias.data = norm.weight.data[idx].clone(), norm.bias.data[idx].clone()
-    return new.to(norm.weight.device)
+    return _like(new, norm)
 
 
 # ----------------------------------------------------------------------------- FFN neurons
