@@ -1,13 +1,15 @@
 """What serving a bundle costs, for several bundles side by side (FP32 and its compressed copies):
 
     python benchmarks/serving.py --bundles <run>/bundle <run>/bundle-int8 [--repeats 7] [--threads 2]
-                                 [--kernels fbgemm int_mm] [--evaluate] [--split test]
+                                 [--kernels fbgemm int_mm] [--static-cache] [--evaluate] [--split test]
 
 Per bundle: the weights file's size, the parameters (int8 weights counted like any), the bytes of the
 Linear weights, and the median latency of `Bundle.answer_batch` (question + image -> answer) and of
 `Bundle.caption_batch` (greedy, KV cache, exactly `--new-tokens` new tokens) at batch 1 and 32, each
 after a warm-up, on `--threads` threads. `--kernels` times an int8 bundle once per INT8 kernel
-(mmqa/compress/int8.py). `--evaluate` adds test VQA, BLEU-4 and R@1 from `python -m mmqa evaluate`'s
+(mmqa/compress/int8.py). `--static-cache` also times captions with transformers' static cache and
+the compiled decoding step (`generation.cache_implementation=static`, what `demo.py --static-cache`
+serves; compiled once per batch size in the warm-up). `--evaluate` adds test VQA, BLEU-4 and R@1 from `python -m mmqa evaluate`'s
 own code on the built-in data. Prints one Markdown table; ratios are against the first bundle.
 """
 
@@ -54,13 +56,16 @@ def sizes(bundle: Bundle, path: Path) -> dict:
     return {"file_mb": (path / WEIGHTS).stat().st_size / 1e6, "params_m": params / 1e6, "linear_mb": linear / 1e6}
 
 
-def latencies(bundle: Bundle, images: list[Image.Image], new_tokens: int, repeats: int) -> dict:
+def latencies(bundle: Bundle, images: list[Image.Image], new_tokens: int, repeats: int, static: bool) -> dict:
     gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, num_beams=1, do_sample=False, use_cache=True)
     out = {}
     for b in (1, 32):
         ims = images[:b]
         out[f"answer_b{b}"] = median_ms(lambda: bundle.answer_batch(ims, [QUESTION] * b), repeats)
         out[f"caption_b{b}"] = median_ms(lambda: bundle.caption_batch(ims, **gen), repeats)
+        if static:
+            out[f"static_b{b}"] = median_ms(lambda: bundle.caption_batch(ims, cache_implementation="static", **gen),
+                                            repeats)
     return out
 
 
@@ -82,6 +87,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--kernels", nargs="*", default=[], help="int8 bundles: time each of these kernels too")
+    ap.add_argument("--static-cache", action="store_true", help="also time captions with the compiled static cache")
     ap.add_argument("--evaluate", action="store_true", help="add test VQA, BLEU-4 and R@1 (evaluate)")
     ap.add_argument("--split", default="test")
     args = ap.parse_args()
@@ -104,19 +110,20 @@ def main() -> None:
             if kernel:
                 set_kernel(bundle.model, kernel)
             name = f"{path.parent.name}/{path.name} ({steps}{', ' + kernel if kernel and kernel != 'auto' else ''})"
-            rows.append({"name": name, **sizes(bundle, path), **latencies(bundle, images, args.new_tokens, args.repeats),
+            rows.append({"name": name, **sizes(bundle, path), **latencies(bundle, images, args.new_tokens, args.repeats, args.static_cache),
                          **scores})
             print(f"measured {name}", flush=True)
 
     base = rows[0]
-    cols = ["answer_b1", "answer_b32", "caption_b1", "caption_b32"]
+    cols = ["answer_b1", "answer_b32", "caption_b1", "caption_b32"] + (["static_b1", "static_b32"] if args.static_cache else [])
     head = ("| bundle | file MB | params M | Linear MB | " + " | ".join(f"{c} ms" for c in cols)
             + (" | test VQA | BLEU-4 | R@1 t→i" if args.evaluate else "") + " |")
     print("\n" + head)
     print("|" + " --- |" * (head.count("|") - 1))
     for r in rows:
         cells = [f"{r['file_mb']:.2f}", f"{r['params_m']:.3f}", f"{r['linear_mb']:.2f}"]
-        cells += [f"{r[c]:.1f} ({base[c] / r[c]:.2f}x)" for c in cols]
+        # a static-cache caption is compared with the first bundle's ordinary caption: the whole gain
+        cells += [f"{r[c]:.1f} ({base[c.replace('static', 'caption')] / r[c]:.2f}x)" for c in cols]
         if args.evaluate:
             cells += [f"{r['vqa']:.3f}", f"{r['bleu4']:.3f}", f"{r['r1']:.3f}"]
         print(f"| {r['name']} | " + " | ".join(cells) + " |")
