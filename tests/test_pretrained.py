@@ -52,6 +52,25 @@ def test_token_layer_gives_an_earlier_layers_tokens_and_keeps_the_last_layers_po
         HFTextEncoder(pretrained=str(tmp_path / "bert"), token_layer=3)
 
 
+def test_keep_layers_keeps_a_pretrained_encoders_bottom_layers(tmp_path):
+    """`keep_layers=k`: the tower is the saved one's first k layers, as loaded (its output equals hidden
+    state k of the whole model); more layers than it has are refused, naming the key."""
+    torch.manual_seed(0)
+    ref = BertModel(BertConfig(vocab_size=50, hidden_size=24, num_hidden_layers=3, num_attention_heads=2,
+                               intermediate_size=48), add_pooling_layer=False).eval()
+    ref.save_pretrained(tmp_path / "bert")
+    ids, mask = torch.tensor([[2, 7, 9, 3], [2, 5, 3, 0]]), torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    states = ref(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states  # 4 x (2, 4, 24)
+    enc = HFTextEncoder(pretrained=str(tmp_path / "bert"), keep_layers=2).eval()
+    assert len(enc.model.encoder.layer) == enc.model.config.num_hidden_layers == 2
+    assert sum(p.numel() for p in enc.parameters()) < sum(p.numel() for p in ref.parameters())
+    torch.testing.assert_close(enc(ids, mask).tokens, states[2], atol=1e-6, rtol=0)
+    with pytest.raises(ConfigError, match=r"model.text_encoder.token_layer must be between 0 .* and 2 .*got 3"):
+        HFTextEncoder(pretrained=str(tmp_path / "bert"), keep_layers=2, token_layer=3)
+    with pytest.raises(ConfigError, match=r"keep_layers=4: the pretrained encoder has 3 layers; keep 1 to 3"):
+        HFTextEncoder(pretrained=str(tmp_path / "bert"), keep_layers=4)
+
+
 def test_decoder_loads_saved_gpt2_weights_and_adds_cross_attention(tmp_path):
     torch.manual_seed(0)
     ref = GPT2LMHeadModel(GPT2Config(vocab_size=60, n_positions=32, n_embd=24, n_layer=1, n_head=2))

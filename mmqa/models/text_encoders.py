@@ -31,9 +31,12 @@ class HFTextEncoder(nn.Module):
         pretrained: str | None = None,
         trainable: bool = True,
         token_layer: int | None = None,
+        keep_layers: int | None = None,
     ):
         """With `pretrained` (a path, `pkg:NAME` or a hub name) the sizes come from the checkpoint and the
-        numbers here are ignored; without it they define the BERT that is built. `trainable=False`
+        numbers here are ignored; without it they define the BERT that is built. `keep_layers`: a
+        pretrained encoder keeps only its first k layers (None: all), a shallower tower such as a
+        distilled student's (bottom layers kept, as in Sajjad et al. 2020); a built one takes `depth`. `trainable=False`
         keeps the weights as loaded (a frozen tower, whose outputs a training run caches).
         `token_layer`: the hidden state whose tokens the output carries (0: the embeddings, k: layer k's
         output; None: the last). An early layer's tokens still say mostly their own word and phrase
@@ -58,6 +61,13 @@ class HFTextEncoder(nn.Module):
             self.model = AutoModel.from_config(config, attn_implementation="sdpa", add_pooling_layer=False)
         self.out_dim = self.model.config.hidden_size
         layers = self.model.config.num_hidden_layers
+        if pretrained and keep_layers is not None:
+            if not 1 <= keep_layers <= layers:
+                raise ConfigError(f"model.text_encoder.keep_layers={keep_layers}: the pretrained encoder has {layers} "
+                                  f"layers; keep 1 to {layers} of them, or null for all")
+            stack = next(m for m in self.model.modules() if isinstance(m, nn.ModuleList) and len(m) == layers)
+            del stack[keep_layers:]  # the bottom k layers, as loaded
+            self.model.config.num_hidden_layers = layers = keep_layers
         if token_layer is not None and not 0 <= token_layer <= layers:
             raise ConfigError(f"model.text_encoder.token_layer must be between 0 (the embeddings) and {layers} "
                               f"(this encoder's layers), or null for the last; got {token_layer}")
