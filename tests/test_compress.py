@@ -361,3 +361,21 @@ def test_a_pruning_share_outside_0_1_is_refused_by_its_key(int8_bundle, data_dir
     with pytest.raises(ConfigError, match=rf"prune.{key}=1.0: a share of the model to remove, in \[0, 1\)"):
         compress_bundle(cfg)
     assert not (tmp_path / "p").exists()
+
+
+def test_prune_stacks_leaves_the_other_stacks_whole_and_an_unknown_stack_is_refused(int8_bundle, data_dir, tmp_path):
+    from mmqa.cli.compress import compress_bundle
+
+    src, _ = int8_bundle
+    args = (f"bundle={src}", "method=prune", "prune.heads=0.5", "prune.ffn=0.5", "finetune.epochs=0", "prune.n=16")
+    out = compress_bundle(compress_cfg(data_dir, tmp_path, *args, "prune.stacks=[fusion]", f"out={tmp_path / 'p'}"))
+    step = OmegaConf.load(out / "config.yaml").compression[0]
+    assert list(step.stacks) == ["fusion"]
+    assert step.sizes.heads and {stack_of(p) for p in [*step.sizes.heads, *step.sizes.hidden]} == {"fusion"}
+    before, after = Bundle.load(src).model.state_dict(), Bundle.load(out).model.state_dict()
+    others = [k for k in before if stack_of(k) in ("image", "text", "decoder")]
+    assert others and all(torch.equal(before[k], after[k]) for k in others)  # not a weight of them changed
+    assert any(before[k].shape != after[k].shape for k in before if stack_of(k) == "fusion")
+    with pytest.raises(ConfigError, match=r"prune.stacks=\['vision'\]: name one or more of image, text, fusion, decoder"):
+        compress_bundle(compress_cfg(data_dir, tmp_path, *args, "prune.stacks=[vision]", f"out={tmp_path / 'q'}"))
+    assert not (tmp_path / "q").exists()

@@ -22,7 +22,7 @@ from mmqa.compress.int8 import quantize_int8
 from mmqa.compress.lora import cache_if_frozen
 from mmqa.compress.prune import prune, rank_heads, rank_neurons
 from mmqa.errors import ConfigError
-from mmqa.inspect.capture import attention_modules, attention_site, stack_of
+from mmqa.inspect.capture import STACKS, attention_modules, attention_site, stack_of
 from mmqa.inspect.heads import importance
 from mmqa.train import fill_text_cache
 
@@ -41,12 +41,16 @@ def pruned(cfg: DictConfig, bundle: Bundle) -> dict:
     for key in ("heads", "ffn"):
         if not 0 <= cfg.prune[key] < 1:
             raise ConfigError(f"prune.{key}={cfg.prune[key]}: a share of the model to remove, in [0, 1)")
+    stacks = list(cfg.prune.stacks)
+    if not stacks or set(stacks) - set(STACKS.values()):
+        raise ConfigError(f"prune.stacks={stacks}: name one or more of {', '.join(STACKS.values())}")
     model, before = bundle.model, parameters(bundle.model)
     lit, batches = first_batches(cfg.data.copy(), bundle, "val", cfg.prune.n)
     sites = {attention_site(n, m): n for n, m in attention_modules(model)}
-    scores = {sites[s]: v for s, v in importance(lit, batches).items()}  # {path: (h,)}
+    scores = {sites[s]: v for s, v in importance(lit, batches).items() if stack_of(sites[s]) in stacks}  # {path: (h,)}
     keep = rank_heads(scores, {p: stack_of(p) for p in scores}, cfg.prune.heads)
-    sizes = prune(model, keep, rank_neurons(model, cfg.prune.ffn))
+    neurons = {p: k for p, k in rank_neurons(model, cfg.prune.ffn).items() if stack_of(p) in stacks}
+    sizes = prune(model, keep, neurons)
     if cfg.finetune.epochs:
         run_cfg = bundle.cfg.copy()
         with open_dict(run_cfg):
@@ -62,7 +66,7 @@ def pruned(cfg: DictConfig, bundle: Bundle) -> dict:
         finally:
             model.text_cache = None  # training-time state: the pruned bundle encodes afresh
         model.eval()
-    return {"heads": cfg.prune.heads, "ffn": cfg.prune.ffn, "finetune_epochs": cfg.finetune.epochs,
+    return {"heads": cfg.prune.heads, "ffn": cfg.prune.ffn, "stacks": stacks, "finetune_epochs": cfg.finetune.epochs,
             "parameters_before": before, "parameters": parameters(model), "sizes": sizes}
 
 
