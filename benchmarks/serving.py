@@ -1,7 +1,7 @@
 """What serving a bundle costs, for several bundles side by side (FP32 and its compressed copies):
 
     python benchmarks/serving.py --bundles <run>/bundle <run>/bundle-int8 [--repeats 7] [--threads 2]
-                                 [--kernels fbgemm int_mm] [--static-cache] [--evaluate] [--split test]
+                                 [--kernels fbgemm int_mm] [--static-cache] [--parts] [--evaluate] [--split test]
 
 Per bundle: the weights file's size, the parameters (int8 weights counted like any), the bytes of the
 Linear weights, and the median latency of `Bundle.answer_batch` (question + image -> answer) and of
@@ -9,7 +9,8 @@ Linear weights, and the median latency of `Bundle.answer_batch` (question + imag
 after a warm-up, on `--threads` threads. `--kernels` times an int8 bundle once per INT8 kernel
 (mmqa/compress/int8.py). `--static-cache` also times captions with transformers' static cache and
 the compiled decoding step (`generation.cache_implementation=static`, what `demo.py --static-cache`
-serves; compiled once per batch size in the warm-up). `--evaluate` adds test VQA, BLEU-4 and R@1 from `python -m mmqa evaluate`'s
+serves; compiled once per batch size in the warm-up). `--parts` splits a batch-1 caption's time into the image, the
+decoder's forward passes and `generate`'s bookkeeping. `--evaluate` adds test VQA, BLEU-4 and R@1 from `python -m mmqa evaluate`'s
 own code on the built-in data. Prints one Markdown table; ratios are against the first bundle.
 """
 
@@ -69,6 +70,32 @@ def latencies(bundle: Bundle, images: list[Image.Image], new_tokens: int, repeat
     return out
 
 
+@torch.no_grad()
+def caption_parts(bundle: Bundle, image: Image.Image, new_tokens: int, repeats: int) -> dict:
+    """Where a batch-1 caption's time goes: preparing and encoding the image, the decoder's own forward
+    passes (the prompt, then one token at a time through the KV cache: what any decoding loop pays),
+    and the rest, which is `generate`'s own bookkeeping (logits processors, stopping checks, cache
+    and input handling) and the tokenizer."""
+    model, dec = bundle.model, bundle.model.decoder
+    pixels = bundle._images([image])
+    img = model.encode_images(pixels)
+    context = dec.context_proj(img.tokens)
+    bos = torch.tensor([[dec.gpt2.config.bos_token_id]])
+
+    def forwards():
+        out = dec.gpt2(input_ids=bos, encoder_hidden_states=context, use_cache=True)
+        for _ in range(new_tokens - 1):
+            nxt = out.logits[:, -1:].argmax(-1)
+            out = dec.gpt2(input_ids=nxt, encoder_hidden_states=context, past_key_values=out.past_key_values,
+                           use_cache=True)
+
+    gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, num_beams=1, do_sample=False, use_cache=True)
+    whole = median_ms(lambda: bundle.caption_batch([image], **gen), repeats)
+    encode = median_ms(lambda: model.encode_images(bundle._images([image])), repeats)
+    steps = median_ms(forwards, repeats)
+    return {"whole": whole, "image": encode, "decoder": steps, "rest": whole - encode - steps}
+
+
 def quality(path: Path, split: str) -> dict:
     from mmqa.cli.evaluate import evaluate
 
@@ -88,6 +115,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--kernels", nargs="*", default=[], help="int8 bundles: time each of these kernels too")
     ap.add_argument("--static-cache", action="store_true", help="also time captions with the compiled static cache")
+    ap.add_argument("--parts", action="store_true", help="also split a batch-1 caption's time into its parts")
     ap.add_argument("--evaluate", action="store_true", help="add test VQA, BLEU-4 and R@1 (evaluate)")
     ap.add_argument("--split", default="test")
     args = ap.parse_args()
@@ -96,7 +124,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}; median of {args.repeats} after a warm-up\n")
 
-    rows = []
+    rows, parts = [], []
     for path in args.bundles:
         bundle = Bundle.load(path)
         size = bundle.cfg.data.image_size
@@ -109,9 +137,12 @@ def main() -> None:
         for kernel in kernels:
             if kernel:
                 set_kernel(bundle.model, kernel)
+            torch._dynamo.reset()  # each bundle compiles afresh: the previous ones' graphs would count toward the recompile limit
             name = f"{path.parent.name}/{path.name} ({steps}{', ' + kernel if kernel and kernel != 'auto' else ''})"
             rows.append({"name": name, **sizes(bundle, path), **latencies(bundle, images, args.new_tokens, args.repeats, args.static_cache),
                          **scores})
+            if args.parts:
+                parts.append((name, caption_parts(bundle, images[0], args.new_tokens, args.repeats)))
             print(f"measured {name}", flush=True)
 
     base = rows[0]
@@ -127,6 +158,12 @@ def main() -> None:
         if args.evaluate:
             cells += [f"{r['vqa']:.3f}", f"{r['bleu4']:.3f}", f"{r['r1']:.3f}"]
         print(f"| {r['name']} | " + " | ".join(cells) + " |")
+    if parts:
+        print("\n| bundle | caption b1 ms | image ms | decoder forward passes ms | generate's bookkeeping ms |")
+        print("| --- | --- | --- | --- | --- |")
+        for name, p in parts:
+            print(f"| {name} | {p['whole']:.1f} | {p['image']:.1f} | {p['decoder']:.1f} | {p['rest']:.1f} "
+                  f"({p['rest'] / p['whole']:.0%}) |")
 
 
 if __name__ == "__main__":
