@@ -9,9 +9,10 @@ Linear weights, and the median latency of `Bundle.answer_batch` (question + imag
 after a warm-up, on `--threads` threads. `--kernels` times an int8 bundle once per INT8 kernel
 (mmqa/compress/int8.py). `--static-cache` also times captions with transformers' static cache and
 the compiled decoding step (`generation.cache_implementation=static`, what `demo.py --static-cache`
-serves; compiled once per batch size in the warm-up). `--parts` splits a batch-1 caption's time into the image, the
-decoder's forward passes and `generate`'s bookkeeping. `--evaluate` adds test VQA, BLEU-4 and R@1 from `python -m mmqa evaluate`'s
-own code on the built-in data. Prints one Markdown table; ratios are against the first bundle.
+serves; compiled once per batch size in the warm-up). `--parts` splits a batch-1 caption's time into
+the image, the decoder's forward passes and `generate`'s bookkeeping. `--evaluate` adds test VQA,
+BLEU-4 and R@1 from `python -m mmqa evaluate`'s own code on the built-in data. Prints one Markdown
+table; ratios are against the first bundle.
 """
 
 from __future__ import annotations
@@ -137,16 +138,17 @@ def main() -> None:
         for kernel in kernels:
             if kernel:
                 set_kernel(bundle.model, kernel)
-            torch._dynamo.reset()  # each bundle compiles afresh: the previous ones' graphs would count toward the recompile limit
+            torch._dynamo.reset()  # compile each bundle afresh: earlier bundles' graphs count toward the recompile limit
             name = f"{path.parent.name}/{path.name} ({steps}{', ' + kernel if kernel and kernel != 'auto' else ''})"
-            rows.append({"name": name, **sizes(bundle, path), **latencies(bundle, images, args.new_tokens, args.repeats, args.static_cache),
-                         **scores})
+            times = latencies(bundle, images, args.new_tokens, args.repeats, args.static_cache)
+            rows.append({"name": name, **sizes(bundle, path), **times, **scores})
             if args.parts:
                 parts.append((name, caption_parts(bundle, images[0], args.new_tokens, args.repeats)))
             print(f"measured {name}", flush=True)
 
     base = rows[0]
-    cols = ["answer_b1", "answer_b32", "caption_b1", "caption_b32"] + (["static_b1", "static_b32"] if args.static_cache else [])
+    cols = ["answer_b1", "answer_b32", "caption_b1", "caption_b32"]
+    cols += ["static_b1", "static_b32"] if args.static_cache else []
     head = ("| bundle | file MB | params M | Linear MB | " + " | ".join(f"{c} ms" for c in cols)
             + (" | test VQA | BLEU-4 | R@1 t→i" if args.evaluate else "") + " |")
     print("\n" + head)

@@ -41,13 +41,14 @@ def pruned(cfg: DictConfig, bundle: Bundle) -> dict:
     for key in ("heads", "ffn"):
         if not 0 <= cfg.prune[key] < 1:
             raise ConfigError(f"prune.{key}={cfg.prune[key]}: a share of the model to remove, in [0, 1)")
-    stacks = list(cfg.prune.stacks)
+    stacks = [cfg.prune.stacks] if isinstance(cfg.prune.stacks, str) else list(cfg.prune.stacks)
     if not stacks or set(stacks) - set(STACKS.values()):
         raise ConfigError(f"prune.stacks={stacks}: name one or more of {', '.join(STACKS.values())}")
     model, before = bundle.model, parameters(bundle.model)
     lit, batches = first_batches(cfg.data.copy(), bundle, "val", cfg.prune.n)
     sites = {attention_site(n, m): n for n, m in attention_modules(model)}
-    scores = {sites[s]: v for s, v in importance(lit, batches).items() if stack_of(sites[s]) in stacks}  # {path: (h,)}
+    ranked = importance(lit, batches)  # {site: (h,)}
+    scores = {sites[s]: v for s, v in ranked.items() if stack_of(sites[s]) in stacks}  # {path: (h,)}
     keep = rank_heads(scores, {p: stack_of(p) for p in scores}, cfg.prune.heads)
     neurons = {p: k for p, k in rank_neurons(model, cfg.prune.ffn).items() if stack_of(p) in stacks}
     sizes = prune(model, keep, neurons)
@@ -66,8 +67,9 @@ def pruned(cfg: DictConfig, bundle: Bundle) -> dict:
         finally:
             model.text_cache = None  # training-time state: the pruned bundle encodes afresh
         model.eval()
-    return {"heads": cfg.prune.heads, "ffn": cfg.prune.ffn, "stacks": stacks, "finetune_epochs": cfg.finetune.epochs,
-            "parameters_before": before, "parameters": parameters(model), "sizes": sizes}
+    return {"heads": cfg.prune.heads, "ffn": cfg.prune.ffn, "stacks": stacks,
+            "finetune_epochs": cfg.finetune.epochs, "parameters_before": before, "parameters": parameters(model),
+            "sizes": sizes}
 
 
 METHODS = {"int8": int8, "prune": pruned}  # what each method does to a loaded bundle; returns its record
