@@ -294,13 +294,12 @@ def pruned_bundle(data_dir, tmp_path_factory, int8_bundle):
     cfg = OmegaConf.load(src / "config.yaml")
     cfg.model.text_encoder.trainable = False
     OmegaConf.save(cfg, src / "config.yaml")
-    seen = {}
+    seen, fill = {}, cli.fill_text_cache
 
     def spy(model, dm, rows):
         seen.update(model=model, cache=model.text_cache)
-        return cli.fill_text_cache.__wrapped__(model, dm, rows)
+        return fill(model, dm, rows)
 
-    spy.__wrapped__ = cli.fill_text_cache
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(cli, "fill_text_cache", spy)
         cfg = compress_cfg(data_dir, tmp, f"bundle={src}", "method=prune", "prune.heads=0.5", "prune.ffn=0.5",

@@ -32,43 +32,47 @@ def test_text_encoder_loads_a_saved_model_by_path(tmp_path):
     assert torch.allclose(enc(ids, mask).tokens, ref(input_ids=ids, attention_mask=mask).last_hidden_state, atol=1e-6)
 
 
+IDS, MASK = torch.tensor([[2, 7, 9, 3], [2, 5, 3, 0]]), torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])  # (2, 4), one padded
+
+
+def saved_bert(tmp_path, layers: int) -> tuple[str, tuple, int]:
+    """A tiny BERT of `layers` layers saved to a temp dir: (its path, its hidden states on IDS, MASK,
+    layers + 1 of (2, 4, 24), its parameter count)."""
+    torch.manual_seed(0)
+    ref = BertModel(BertConfig(vocab_size=50, hidden_size=24, num_hidden_layers=layers, num_attention_heads=2,
+                               intermediate_size=48), add_pooling_layer=False).eval()
+    ref.save_pretrained(tmp_path / "bert")
+    states = ref(input_ids=IDS, attention_mask=MASK, output_hidden_states=True).hidden_states
+    return str(tmp_path / "bert"), states, sum(p.numel() for p in ref.parameters())
+
+
 def test_token_layer_gives_an_earlier_layers_tokens_and_keeps_the_last_layers_pool(tmp_path):
     """`token_layer=k`: the tokens are hidden state k (0: the embeddings); pooled stays the last layer's
     mean, so retrieval does not change; a layer the encoder has not is refused, naming the key."""
-    torch.manual_seed(0)
-    ref = BertModel(BertConfig(vocab_size=50, hidden_size=24, num_hidden_layers=2, num_attention_heads=2,
-                               intermediate_size=48), add_pooling_layer=False).eval()
-    ref.save_pretrained(tmp_path / "bert")
-    ids, mask = torch.tensor([[2, 7, 9, 3], [2, 5, 3, 0]]), torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
-    states = ref(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states  # 3 x (2, 4, 24)
-    last = HFTextEncoder(pretrained=str(tmp_path / "bert")).eval()(ids, mask)
+    path, states, _ = saved_bert(tmp_path, 2)  # 3 x (2, 4, 24)
+    last = HFTextEncoder(pretrained=path).eval()(IDS, MASK)
     for k in (0, 1):
-        out = HFTextEncoder(pretrained=str(tmp_path / "bert"), token_layer=k).eval()(ids, mask)
+        out = HFTextEncoder(pretrained=path, token_layer=k).eval()(IDS, MASK)
         torch.testing.assert_close(out.tokens, states[k], atol=1e-6, rtol=0)
         assert not torch.allclose(out.tokens, last.tokens, atol=1e-3)
         torch.testing.assert_close(out.pooled, last.pooled, atol=1e-6, rtol=0)
     torch.testing.assert_close(last.pooled[1], states[2][1, :3].mean(0), atol=1e-6, rtol=0)  # padding left out
     with pytest.raises(ConfigError, match=r"model.text_encoder.token_layer must be between 0 .* and 2 .*got 3"):
-        HFTextEncoder(pretrained=str(tmp_path / "bert"), token_layer=3)
+        HFTextEncoder(pretrained=path, token_layer=3)
 
 
 def test_keep_layers_keeps_a_pretrained_encoders_bottom_layers(tmp_path):
     """`keep_layers=k`: the tower is the saved one's first k layers, as loaded (its output equals hidden
     state k of the whole model); more layers than it has are refused, naming the key."""
-    torch.manual_seed(0)
-    ref = BertModel(BertConfig(vocab_size=50, hidden_size=24, num_hidden_layers=3, num_attention_heads=2,
-                               intermediate_size=48), add_pooling_layer=False).eval()
-    ref.save_pretrained(tmp_path / "bert")
-    ids, mask = torch.tensor([[2, 7, 9, 3], [2, 5, 3, 0]]), torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
-    states = ref(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states  # 4 x (2, 4, 24)
-    enc = HFTextEncoder(pretrained=str(tmp_path / "bert"), keep_layers=2).eval()
+    path, states, params = saved_bert(tmp_path, 3)  # 4 x (2, 4, 24)
+    enc = HFTextEncoder(pretrained=path, keep_layers=2).eval()
     assert len(enc.model.encoder.layer) == enc.model.config.num_hidden_layers == 2
-    assert sum(p.numel() for p in enc.parameters()) < sum(p.numel() for p in ref.parameters())
-    torch.testing.assert_close(enc(ids, mask).tokens, states[2], atol=1e-6, rtol=0)
+    assert sum(p.numel() for p in enc.parameters()) < params
+    torch.testing.assert_close(enc(IDS, MASK).tokens, states[2], atol=1e-6, rtol=0)
     with pytest.raises(ConfigError, match=r"model.text_encoder.token_layer must be between 0 .* and 2 .*got 3"):
-        HFTextEncoder(pretrained=str(tmp_path / "bert"), keep_layers=2, token_layer=3)
+        HFTextEncoder(pretrained=path, keep_layers=2, token_layer=3)
     with pytest.raises(ConfigError, match=r"keep_layers=4: the pretrained encoder has 3 layers; keep 1 to 3"):
-        HFTextEncoder(pretrained=str(tmp_path / "bert"), keep_layers=4)
+        HFTextEncoder(pretrained=path, keep_layers=4)
 
 
 def test_decoder_loads_saved_gpt2_weights_and_adds_cross_attention(tmp_path):

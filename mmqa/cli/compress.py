@@ -19,7 +19,6 @@ from mmqa.build import build_lit_module, data_for_bundle, first_batches
 from mmqa.bundle import WEIGHTS, Bundle
 from mmqa.compress import check_method, record, steps_of
 from mmqa.compress.int8 import quantize_int8
-from mmqa.compress.lora import cache_if_frozen
 from mmqa.compress.prune import prune, rank_heads, rank_neurons
 from mmqa.errors import ConfigError
 from mmqa.inspect.capture import STACKS, attention_modules, attention_site, stack_of
@@ -59,7 +58,7 @@ def pruned(cfg: DictConfig, bundle: Bundle) -> dict:
         train_dm = data_for_bundle(cfg.data.copy(), bundle, "train")
         lit = build_lit_module(run_cfg, model, train_dm, split="val", train=True)
         # a frozen tower (the pretrained MiniLM) is pruned but not retrained: encode each text once
-        if cache_if_frozen(model, run_cfg.get("text_cache", 0)) and run_cfg.get("text_cache_fill", 0) > 0:
+        if model.cache_text_if_frozen(run_cfg.get("text_cache", 0)) and run_cfg.get("text_cache_fill", 0) > 0:
             fill_text_cache(model, train_dm, run_cfg.text_cache_fill)
         trainer = instantiate(cfg.trainer, max_epochs=cfg.finetune.epochs, logger=False, enable_checkpointing=False)
         try:

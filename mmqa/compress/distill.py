@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mmqa.compress.lora import cache_if_frozen
 from mmqa.data.batch import Batch
 from mmqa.models.mmqa_model import MMQAModel
 
@@ -53,7 +52,7 @@ class Distiller:
             raise ValueError(f"distill.vqa_form={vqa_form!r}: not an option; valid: {', '.join(VQA_FORMS)}")
         self.vqa_kl = VQA_FORMS[vqa_form]
         self.teacher = teacher.eval().requires_grad_(False)
-        cache_if_frozen(self.teacher, text_cache)
+        self.teacher.cache_text_if_frozen(text_cache)
         self.temperature = temperature
         self.weights = {"distill_vqa": float(vqa), "distill_caption": float(caption)}
 

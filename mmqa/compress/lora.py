@@ -82,17 +82,7 @@ def adapt(model: nn.Module, cfg: DictConfig) -> None:
     lora = cfg.get("lora")
     if lora and lora.r > 0:
         add_lora(model, lora.r, lora.alpha, lora.dropout, lora.target)
-    cache_if_frozen(model, cfg.get("text_cache", 0))
-
-
-def cache_if_frozen(model: nn.Module, rows: int) -> bool:
-    """Memoise the text encoder's outputs (`rows` distinct texts; 0: never) when none of its weights
-    train, as a frozen pretrained tower's do not: whether it now has a cache."""
-    text = model.get_submodule("text_encoder")
-    if rows > 0 and not any(p.requires_grad for p in text.parameters()):
-        model.cache_text(rows)
-        return True
-    return False
+    model.cache_text_if_frozen(cfg.get("text_cache", 0))
 
 
 def adapter_state(model: nn.Module) -> dict:

@@ -123,6 +123,14 @@ class MMQAModel(nn.Module):
         (mmqa/models/frozen_cache.py). Its projection still trains."""
         self.text_cache = FrozenTextCache(self.text_encoder, max_rows)
 
+    def cache_text_if_frozen(self, max_rows: int) -> bool:
+        """`cache_text` when none of the text encoder's weights train (a frozen pretrained tower, a
+        distillation teacher) and `max_rows` > 0; whether it now has a cache."""
+        if max_rows > 0 and not any(p.requires_grad for p in self.text_encoder.parameters()):
+            self.cache_text(max_rows)
+            return True
+        return False
+
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> EncoderOutput:  # (T, L)
         if self.text_cache is not None:
             return _project(self.text_cache(self.text_encoder, input_ids, attention_mask), self.text_proj)

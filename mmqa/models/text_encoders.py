@@ -36,8 +36,9 @@ class HFTextEncoder(nn.Module):
         """With `pretrained` (a path, `pkg:NAME` or a hub name) the sizes come from the checkpoint and the
         numbers here are ignored; without it they define the BERT that is built. `keep_layers`: a
         pretrained encoder keeps only its first k layers (None: all), a shallower tower such as a
-        distilled student's (bottom layers kept, as in Sajjad et al. 2020); a built one takes `depth`. `trainable=False`
-        keeps the weights as loaded (a frozen tower, whose outputs a training run caches).
+        distilled student's (bottom layers kept, as in Sajjad et al. 2020); a built one takes `depth`.
+        `trainable=False` keeps the weights as loaded (a frozen tower, whose outputs a training run
+        caches).
         `token_layer`: the hidden state whose tokens the output carries (0: the embeddings, k: layer k's
         output; None: the last). An early layer's tokens still say mostly their own word and phrase
         ("blue square"), where the last layer's have mixed in the whole sentence (docs/relational.md).
